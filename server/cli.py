@@ -1,0 +1,122 @@
+"""``prosocial`` — the project's single command line.
+
+``prosocial serve`` starts the OpenAI-compatible server; ``prosocial model prepare`` builds the default model;
+the reward model, harm vector and evaluation packages add their own sub-commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import sys
+
+from pydantic import ValidationError
+
+logger = logging.getLogger("prosocial")
+
+# Packages that contribute sub-commands through a ``register(subparsers)`` function in their ``cli`` module.
+SUBCOMMAND_PACKAGES = ("rewardmodel",)
+
+# serve flag -> ServerSettings field (every field is also a PROSOCIAL_<FIELD> environment variable).
+_SERVE_FLAGS: dict[str, dict] = {
+    "host": {"help": "bind address (PROSOCIAL_HOST, default 127.0.0.1)"},
+    "port": {"type": int, "help": "port (PROSOCIAL_PORT, default 8000)"},
+    "model": {"help": "HF checkpoint folder to serve (default: the embedded SmolLM2-135M-Instruct)"},
+    "served_model_name": {"help": "model name clients send (default: the folder name)"},
+    "dtype": {"choices": ["auto", "bfloat16", "float16", "float32"], "help": "weights dtype (default bfloat16)"},
+    "kv_cache_gib": {"type": float, "help": "KV-cache size in GiB (default 1)"},
+    "max_model_len": {"type": int, "help": "context length (default 2048)"},
+    "max_num_seqs": {"type": int, "help": "max concurrent sequences in the engine (default 64)"},
+    "api_key": {"help": "require 'Authorization: Bearer KEY' on /v1/* (PROSOCIAL_API_KEY)"},
+    "safety_threshold": {"type": float, "help": "safety log-prob threshold of the mask (default -6)"},
+    "beta": {"type": float, "help": "reward temperature beta (default 1)"},
+    "default_prefs": {"type": json.loads, "help": 'JSON preferences for requests without any, e.g. \'{"empathy":1}\''},
+    "arm_artifact": {"help": "ARM artifact folder (default: the shipped arm-v1)"},
+    "max_body_bytes": {"type": int, "help": "largest request body accepted (default 1 MiB)"},
+    "max_tokens_limit": {"type": int, "help": "largest max_tokens a request may ask for (default 4096)"},
+    "max_n": {"type": int, "help": "largest n a request may ask for (default 8)"},
+    "drain_timeout_s": {"type": float, "help": "seconds in-flight requests get after SIGTERM (default 30)"},
+}
+_SERVE_SWITCHES = {
+    "guidance": "load the ARM logits processor (--no-guidance: plain unguided serving)",
+    "safety_mask": "apply the ARM safety mask to every request",
+    "base_model": "serve the unmodified base weights instead of the harm-vector-merged default",
+    "metrics_public": "serve /metrics without the API key",
+    "log_requests": "log prompts and completions (off by default)",
+}
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="start the OpenAI-compatible server", description=__doc__)
+    for field, kwargs in _SERVE_FLAGS.items():
+        p.add_argument("--" + field.replace("_", "-"), dest=field, default=None, **kwargs)
+    for field, help_text in _SERVE_SWITCHES.items():
+        p.add_argument("--" + field.replace("_", "-"), dest=field, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_serve)
+
+
+def _add_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("model", help="manage the embedded default model")
+    msub = p.add_subparsers(dest="model_command", required=True)
+    prep = msub.add_parser("prepare", help="convert the embedded GGUF into a HF checkpoint folder (once)")
+    prep.add_argument("--force", action="store_true", help="rebuild even if the folder exists")
+    prep.set_defaults(func=_model_prepare)
+
+
+def _model_prepare(args: argparse.Namespace) -> int:
+    from server.model_prep import ModelPrepError, prepare_default_model
+
+    try:
+        print(prepare_default_model(force=args.force))
+    except ModelPrepError as exc:
+        print(f"prosocial model prepare: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def settings_from_args(args: argparse.Namespace):
+    """Flags override environment variables; pydantic errors name the flag."""
+    from server.settings import ServerSettings
+
+    overrides = {
+        field: getattr(args, field)
+        for field in list(_SERVE_FLAGS) + list(_SERVE_SWITCHES)
+        if getattr(args, field, None) is not None
+    }
+    try:
+        return ServerSettings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-") if first.get("loc") else "settings"
+        raise SystemExit(f"prosocial serve: argument {flag}: {first['msg']}") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from server.runner import run_server
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_from_args(args)
+    return asyncio.run(run_server(settings, log_level=args.log_level))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prosocial", description="ProSocialAlign: safe, prosocial decoding on vLLM")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_model(sub)
+    for package in SUBCOMMAND_PACKAGES:
+        importlib.import_module(f"{package}.cli").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""vLLM's ``AsyncLLM``, built in-process from the operator's settings."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the server serves: the checkpoint folder and the name clients use for it."""
+
+    path: Path
+    name: str
+
+
+def resolve_model(settings: ServerSettings) -> ServedModel:
+    """The checkpoint to serve: ``--model`` if given, else the embedded default (prepared on first use)."""
+    if settings.model is not None:
+        path = settings.model.expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--model {path}: not a Hugging Face checkpoint folder (no config.json)")
+        return ServedModel(path, settings.served_model_name or path.name)
+    from server.model_prep import DEFAULT_MODEL_NAME, prepare_default_model
+
+    path = prepare_default_model()
+    return ServedModel(path, settings.served_model_name or DEFAULT_MODEL_NAME)
+
+
+def engine_args(
+    settings: ServerSettings,
+    model: ServedModel,
+    logits_processors: list[Any] | None = None,
+    additional_config: dict[str, Any] | None = None,
+):
+    """AsyncEngineArgs for the CPU or GPU build; the KV cache is sized explicitly (the CPU backend needs it)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    # The CPU backend reads its KV-cache budget from this variable; GPU builds use kv_cache_memory_bytes.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{max(1, round(settings.kv_cache_gib))}")
+    return AsyncEngineArgs(
+        model=str(model.path),
+        served_model_name=[model.name],
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        kv_cache_memory_bytes=int(settings.kv_cache_gib * GiB),
+        enforce_eager=True,
+        seed=settings.seed,
+        disable_log_stats=False,
+        logits_processors=logits_processors,
+        additional_config=additional_config or {},
+    )
+
+
+def build_engine(
+    settings: ServerSettings,
+    model: ServedModel,
+    logits_processors: list[Any] | None = None,
+    additional_config: dict[str, Any] | None = None,
+):
+    """Start the engine (about 30 s for the 135M model on 2 CPU cores)."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    args = engine_args(settings, model, logits_processors, additional_config)
+    logger.info("starting vLLM AsyncLLM on %s (%s)", model.path, settings.dtype)
+    return AsyncLLM.from_engine_args(args)

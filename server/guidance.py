@@ -1,0 +1,81 @@
+"""API-side guidance policy: turn a request's ``prosocial_*`` fields and the operator's settings into the
+per-request guidance spec the logits processor reads from ``SamplingParams.extra_args["prosocial"]``.
+
+The operator's safety settings are a floor: a request can make the threshold stricter, never looser, and no
+request field can switch the mask off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from rewardmodel.attributes import PROSOCIAL_ATTRIBUTES
+from server.errors import bad_request
+from server.protocol import ProsocialPrefs
+from server.settings import ServerSettings
+
+EXTRA_ARGS_KEY = "prosocial"
+
+
+@dataclass(frozen=True)
+class GuidanceSpec:
+    """What the processor does for one engine request."""
+
+    request_id: str
+    prefs: tuple[float, ...] | None  # normalised weights in PROSOCIAL_ATTRIBUTES order; None: no preference term
+    safety_mask: bool
+    safety_threshold: float
+    beta: float
+
+    @property
+    def needs_arm(self) -> bool:
+        return self.prefs is not None or self.safety_mask
+
+    def to_extra_args(self) -> dict:
+        return {EXTRA_ARGS_KEY: asdict(self)}
+
+    def prefs_dict(self) -> dict[str, float] | None:
+        if self.prefs is None:
+            return None
+        return {name: round(w, 6) for name, w in zip(PROSOCIAL_ATTRIBUTES, self.prefs, strict=True)}
+
+
+class GuidancePolicy:
+    def __init__(self, settings: ServerSettings) -> None:
+        self.enabled = settings.guidance
+        self.safety_mask = settings.guidance and settings.safety_mask
+        self.threshold = settings.safety_threshold
+        self.beta = settings.beta
+        self.default_prefs = ProsocialPrefs(**settings.default_prefs) if settings.default_prefs else None
+
+    def resolve(
+        self,
+        prefs: ProsocialPrefs | None,
+        guidance: bool | None,
+        threshold: float | None,
+    ) -> tuple[ProsocialPrefs | None, float]:
+        """Validate the request's guidance fields once per API request; returns (prefs, threshold)."""
+        if not self.enabled and (prefs is not None or threshold is not None or guidance):
+            raise bad_request(
+                "guidance is disabled on this server; prosocial_* fields cannot be honoured",
+                "prosocial_prefs" if prefs is not None else "prosocial_guidance",
+                "guidance_disabled",
+            )
+        if threshold is not None and threshold < self.threshold:
+            raise bad_request(
+                f"prosocial_safety_threshold may only be stricter (higher) than the server's {self.threshold}",
+                "prosocial_safety_threshold",
+                "safety_floor",
+            )
+        if prefs is not None and guidance is False:
+            raise bad_request(
+                "prosocial_prefs conflicts with prosocial_guidance=false", "prosocial_guidance", "conflict"
+            )
+        chosen = None if guidance is False else (prefs or self.default_prefs)
+        return chosen, max(self.threshold, threshold) if threshold is not None else self.threshold
+
+    def spec(self, request_id: str, prefs: ProsocialPrefs | None, threshold: float) -> GuidanceSpec | None:
+        if not self.enabled:
+            return None
+        weights = tuple(prefs.normalised()) if prefs is not None else None
+        return GuidanceSpec(request_id, weights, self.safety_mask, threshold, self.beta)

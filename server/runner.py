@@ -1,0 +1,89 @@
+"""Process lifecycle: build the engine, serve HTTP, drain on SIGTERM, exit non-zero when the engine dies."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import uvicorn
+
+from server import metrics
+from server.app import create_app
+from server.engine import build_engine, resolve_model
+from server.requests import RequestBuilder
+from server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+EXIT_ENGINE_DEAD = 3
+
+
+async def _watch_engine(engine, server: uvicorn.Server, outcome: dict) -> None:
+    """Once the engine is dead, report unhealthy for a moment (probes see 503), then stop with a non-zero code."""
+    while not server.should_exit:
+        if engine.errored:
+            metrics.ENGINE_HEALTHY.set(0)
+            logger.error("the vLLM engine died; exiting so the orchestrator restarts the server")
+            outcome["code"] = EXIT_ENGINE_DEAD
+            await asyncio.sleep(2.0)
+            server.should_exit = True
+            return
+        await asyncio.sleep(0.5)
+
+
+async def run_server(settings: ServerSettings, log_level: str = "info") -> int:
+    from transformers import AutoTokenizer
+
+    model = resolve_model(settings)
+    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    builder = RequestBuilder(settings, tokenizer, model.name, str(model.path))
+    processors, additional_config = None, None
+    if settings.guidance:
+        from server.telemetry import GuidanceTelemetry, processor_config
+
+        builder.telemetry = GuidanceTelemetry()
+        processors, additional_config = processor_config(settings, model, builder.telemetry)
+    engine = build_engine(settings, model, processors, additional_config)
+    app = create_app(settings, engine, builder)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        access_log=settings.log_requests,
+    )
+    server = uvicorn.Server(config)
+    outcome = {"code": 0}
+    loop = asyncio.get_running_loop()
+
+    async def drain_then_exit() -> None:
+        deadline = loop.time() + settings.drain_timeout_s
+        while metrics.HTTPMetricsMiddleware.in_flight > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        server.should_exit = True
+
+    def drain() -> None:
+        # New requests get 503 while in-flight ones finish (bounded by the drain timeout), then uvicorn stops.
+        if app.state.prosocial.draining:
+            server.force_exit = True
+            return
+        app.state.prosocial.draining = True
+        logger.info("draining for up to %.0f s", settings.drain_timeout_s)
+        asyncio.ensure_future(drain_then_exit())
+
+    watcher = asyncio.ensure_future(_watch_engine(engine, server, outcome))
+    if settings.guidance:
+        builder.telemetry.start()
+    try:
+        server.install_signal_handlers = lambda: None  # we own SIGTERM/SIGINT below
+        loop.add_signal_handler(signal.SIGTERM, drain)
+        loop.add_signal_handler(signal.SIGINT, drain)
+        await server.serve()
+    finally:
+        watcher.cancel()
+        if settings.guidance:
+            builder.telemetry.close()
+        engine.shutdown()
+    return outcome["code"]

@@ -1,0 +1,68 @@
+"""Operator configuration: every setting is a ``prosocial serve`` flag and a ``PROSOCIAL_*`` environment variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rewardmodel.attributes import PROSOCIAL_ATTRIBUTES
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PROSOCIAL_", extra="ignore")
+
+    # --- network -------------------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: SecretStr | None = Field(None, description="If set, /v1/* requires 'Authorization: Bearer <key>'.")
+    metrics_public: bool = Field(True, description="Serve /metrics without the API key (for Prometheus scrapes).")
+
+    # --- model and engine ----------------------------------------------------------------------------------
+    model: Path | None = Field(None, description="HF checkpoint folder; default: the embedded SmolLM2 model.")
+    served_model_name: str | None = None
+    base_model: bool = Field(
+        False, description="Serve the unmodified base weights instead of the harm-vector-merged default."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV-cache size in GiB (CPU backend: VLLM_CPU_KVCACHE_SPACE).")
+    max_model_len: int = Field(2048, ge=64)
+    max_num_seqs: int = Field(64, ge=1)
+    seed: int = 0
+
+    # --- request limits (bad requests get 4xx, never 5xx) ----------------------------------------------------
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_messages: int = Field(256, ge=1)
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    max_n: int = Field(8, ge=1)
+    default_max_tokens: int = Field(256, ge=1)
+
+    # --- guidance (ProSocialAlign decoding) ---------------------------------------------------------------
+    guidance: bool = Field(True, description="Load the ARM logits processor; off = plain unguided serving.")
+    safety_mask: bool = Field(True, description="Apply the ARM safety mask to every request (operator floor).")
+    safety_threshold: float = Field(
+        -6.0, description="Tokens with safety log-prob below this are masked; requests may only raise it."
+    )
+    beta: float = Field(1.0, gt=0, description="Reward temperature: score = base + (1/beta) * sum_i w_i * r_i.")
+    default_prefs: dict[str, float] | None = Field(
+        None, description="Preferences applied to requests without prosocial_prefs (None: no preference term)."
+    )
+    arm_artifact: Path | None = Field(None, description="ARM artifact folder; default: the shipped arm-v1.")
+
+    # --- operations -----------------------------------------------------------------------------------------
+    drain_timeout_s: float = Field(30.0, ge=0)
+    log_requests: bool = Field(False, description="Log prompts and completions (off: privacy by default).")
+
+    @field_validator("default_prefs")
+    @classmethod
+    def _known_attributes(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return value
+        unknown = sorted(set(value) - set(PROSOCIAL_ATTRIBUTES))
+        if unknown:
+            raise ValueError(f"unknown attributes in default_prefs: {unknown}")
+        if not any(v > 0 for v in value.values()):
+            raise ValueError("default_prefs must have a positive weight")
+        return value
