@@ -142,7 +142,9 @@ async def _collect(request: Request, generation: Generation) -> list[ChoiceResul
 
 def _usage(results: list[ChoiceResult], prompt_tokens: int) -> Usage:
     completion = sum(len(r.token_ids) for r in results)
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
+    return Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion
+    )
 
 
 def _sse(payload: dict) -> str:
@@ -230,7 +232,10 @@ def create_app(settings: ServerSettings, engine: Any, builder: RequestBuilder) -
         return ModelList(data=[card])
 
     @app.post(
-        "/v1/chat/completions", dependencies=v1, response_model=ChatCompletionResponse, responses=ERROR_RESPONSES
+        "/v1/chat/completions",
+        dependencies=v1,
+        response_model=ChatCompletionResponse,
+        responses=ERROR_RESPONSES,
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         app_state = require_serving(request)
@@ -243,14 +248,20 @@ def create_app(settings: ServerSettings, engine: Any, builder: RequestBuilder) -
                 ChatChoice(
                     index=r.index,
                     message=ChatMessageOut(content=r.text),
-                    logprobs=chat_logprobs(r.logprobs, r.token_ids, plan.top_logprobs) if plan.logprobs else None,
+                    logprobs=chat_logprobs(r.logprobs, r.token_ids, plan.top_logprobs)
+                    if plan.logprobs
+                    else None,
                     finish_reason=finish_reason(r),
                     prosocial=plan.prosocial_info(r),
                 )
                 for r in results
             ]
             return ChatCompletionResponse(
-                id=rid, created=created, model=model, choices=choices, usage=_usage(results, plan.prompt_tokens)
+                id=rid,
+                created=created,
+                model=model,
+                choices=choices,
+                usage=_usage(results, plan.prompt_tokens),
             )
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -267,7 +278,9 @@ def create_app(settings: ServerSettings, engine: Any, builder: RequestBuilder) -
             emitted[delta.index] = emitted.get(delta.index, 0) + len(delta.token_ids)
             choice: dict[str, Any] = {"index": delta.index, "delta": {"content": delta.text}}
             if plan.logprobs:
-                choice["logprobs"] = chat_logprobs(delta.logprobs, delta.token_ids, plan.top_logprobs).model_dump()
+                choice["logprobs"] = chat_logprobs(
+                    delta.logprobs, delta.token_ids, plan.top_logprobs
+                ).model_dump()
             else:
                 choice["logprobs"] = None
             choice["finish_reason"] = finish_reason(delta) if delta.finish_reason else None
@@ -293,7 +306,9 @@ def create_app(settings: ServerSettings, engine: Any, builder: RequestBuilder) -
         events = _stream_events(generation, first, render, usage_chunk if include_usage else None)
         return await _start_stream(events)
 
-    @app.post("/v1/completions", dependencies=v1, response_model=CompletionResponse, responses=ERROR_RESPONSES)
+    @app.post(
+        "/v1/completions", dependencies=v1, response_model=CompletionResponse, responses=ERROR_RESPONSES
+    )
     async def completions(body: CompletionRequest, request: Request) -> Any:
         app_state = require_serving(request)
         plan = app_state.builder.completion(body)
@@ -305,14 +320,20 @@ def create_app(settings: ServerSettings, engine: Any, builder: RequestBuilder) -
                 CompletionChoice(
                     index=r.index,
                     text=r.text,
-                    logprobs=completion_logprobs(r.logprobs, r.token_ids, plan.top_logprobs) if plan.logprobs else None,
+                    logprobs=completion_logprobs(r.logprobs, r.token_ids, plan.top_logprobs)
+                    if plan.logprobs
+                    else None,
                     finish_reason=finish_reason(r),
                     prosocial=plan.prosocial_info(r),
                 )
                 for r in results
             ]
             return CompletionResponse(
-                id=rid, created=created, model=model, choices=choices, usage=_usage(results, plan.prompt_tokens)
+                id=rid,
+                created=created,
+                model=model,
+                choices=choices,
+                usage=_usage(results, plan.prompt_tokens),
             )
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -322,7 +343,9 @@ def create_app(settings: ServerSettings, engine: Any, builder: RequestBuilder) -
             emitted[delta.index] = emitted.get(delta.index, 0) + len(delta.token_ids)
             choice: dict[str, Any] = {"index": delta.index, "text": delta.text}
             choice["logprobs"] = (
-                completion_logprobs(delta.logprobs, delta.token_ids, plan.top_logprobs).model_dump() if plan.logprobs else None
+                completion_logprobs(delta.logprobs, delta.token_ids, plan.top_logprobs).model_dump()
+                if plan.logprobs
+                else None
             )
             choice["finish_reason"] = finish_reason(delta) if delta.finish_reason else None
             if delta.finish_reason:
@@ -339,9 +362,13 @@ def create_app(settings: ServerSettings, engine: Any, builder: RequestBuilder) -
             done = sum(emitted.values())
             usage = {"prompt_tokens": plan.prompt_tokens, "completion_tokens": done}
             usage["total_tokens"] = plan.prompt_tokens + done
-            return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": []} | {
-                "usage": usage
-            }
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [],
+            } | {"usage": usage}
 
         events = _stream_events(generation, None, render, usage_chunk if include_usage else None)
         return await _start_stream(events)

@@ -26,14 +26,20 @@ _SERVE_FLAGS: dict[str, dict] = {
     "port": {"type": int, "help": "port (PROSOCIAL_PORT, default 8000)"},
     "model": {"help": "HF checkpoint folder to serve (default: the embedded SmolLM2-135M-Instruct)"},
     "served_model_name": {"help": "model name clients send (default: the folder name)"},
-    "dtype": {"choices": ["auto", "bfloat16", "float16", "float32"], "help": "weights dtype (default bfloat16)"},
+    "dtype": {
+        "choices": ["auto", "bfloat16", "float16", "float32"],
+        "help": "weights dtype (default bfloat16)",
+    },
     "kv_cache_gib": {"type": float, "help": "KV-cache size in GiB (default 1)"},
     "max_model_len": {"type": int, "help": "context length (default 2048)"},
     "max_num_seqs": {"type": int, "help": "max concurrent sequences in the engine (default 64)"},
     "api_key": {"help": "require 'Authorization: Bearer KEY' on /v1/* (PROSOCIAL_API_KEY)"},
     "safety_threshold": {"type": float, "help": "safety log-prob threshold of the mask (default -6)"},
     "beta": {"type": float, "help": "reward temperature beta (default 1)"},
-    "default_prefs": {"type": json.loads, "help": 'JSON preferences for requests without any, e.g. \'{"empathy":1}\''},
+    "default_prefs": {
+        "type": json.loads,
+        "help": "JSON preferences for requests without any, e.g. '{\"empathy\":1}'",
+    },
     "arm_artifact": {"help": "ARM artifact folder (default: the shipped arm-v1)"},
     "max_body_bytes": {"type": int, "help": "largest request body accepted (default 1 MiB)"},
     "max_tokens_limit": {"type": int, "help": "largest max_tokens a request may ask for (default 4096)"},
@@ -54,7 +60,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     for field, kwargs in _SERVE_FLAGS.items():
         p.add_argument("--" + field.replace("_", "-"), dest=field, default=None, **kwargs)
     for field, help_text in _SERVE_SWITCHES.items():
-        p.add_argument("--" + field.replace("_", "-"), dest=field, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+        p.add_argument(
+            "--" + field.replace("_", "-"),
+            dest=field,
+            default=None,
+            action=argparse.BooleanOptionalAction,
+            help=help_text,
+        )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_serve)
 
@@ -98,13 +110,17 @@ def settings_from_args(args: argparse.Namespace):
 def _serve(args: argparse.Namespace) -> int:
     from server.runner import run_server
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     settings = settings_from_args(args)
     return asyncio.run(run_server(settings, log_level=args.log_level))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prosocial", description="ProSocialAlign: safe, prosocial decoding on vLLM")
+    parser = argparse.ArgumentParser(
+        prog="prosocial", description="ProSocialAlign: safe, prosocial decoding on vLLM"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_model(sub)

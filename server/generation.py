@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from server import metrics
 from server.errors import APIError, bad_request, unavailable
 
 logger = logging.getLogger(__name__)
@@ -75,11 +76,14 @@ class Generation:
         if self._unfinished:
             ids = sorted(self._unfinished)
             self._unfinished.clear()
+            metrics.ABORTED_REQUESTS.inc(len(ids))
             await self.engine.abort(ids)
 
     async def _run_one(self, job: ChoiceJob) -> ChoiceResult:
         result = ChoiceResult(job.index, job.request_id, len(job.prompt_ids))
-        async for out in self.engine.generate({"prompt_token_ids": job.prompt_ids}, job.params, job.request_id):
+        async for out in self.engine.generate(
+            {"prompt_token_ids": job.prompt_ids}, job.params, job.request_id
+        ):
             completion = out.outputs[0]
             result.text = completion.text
             result.token_ids = list(completion.token_ids)

@@ -22,7 +22,9 @@ class GuidanceSpec:
     """What the processor does for one engine request."""
 
     request_id: str
-    prefs: tuple[float, ...] | None  # normalised weights in PROSOCIAL_ATTRIBUTES order; None: no preference term
+    prefs: (
+        tuple[float, ...] | None
+    )  # normalised weights in PROSOCIAL_ATTRIBUTES order; None: no preference term
     safety_mask: bool
     safety_threshold: float
     beta: float

@@ -26,9 +26,10 @@ REQUEST_LATENCY = Histogram(
 )
 ENGINE_HEALTHY = Gauge("prosocial_engine_healthy", "1 while the vLLM engine answers, 0 once it is dead.")
 IN_FLIGHT = Gauge("prosocial_requests_in_flight", "Generation requests being served now.")
-GUIDED_GENERATION_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions"})
-
-REQUESTS = Counter("prosocial_guided_requests", "Engine requests that ran with ARM guidance.")
+ABORTED_REQUESTS = Counter(
+    "prosocial_aborted_requests", "Engine requests aborted before finishing (client gone, error, shutdown)."
+)
+GUIDED_REQUESTS = Counter("prosocial_guided_requests", "Engine requests that ran with ARM guidance.")
 MASKED_TOKENS = Counter("prosocial_masked_tokens", "Vocabulary entries removed by the safety mask.")
 CONTENT_FILTERED = Counter("prosocial_content_filtered", "Choices ended early by the safety mask.")
 GUIDANCE_FAILURES = Counter(
@@ -60,7 +61,9 @@ class HTTPMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        endpoint = path if path in KNOWN_ENDPOINTS else ("/static" if path.startswith("/static/") else "other")
+        endpoint = (
+            path if path in KNOWN_ENDPOINTS else ("/static" if path.startswith("/static/") else "other")
+        )
         start = time.perf_counter()
         status = 500
         generating = path in GENERATION_ENDPOINTS

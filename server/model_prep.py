@@ -89,7 +89,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
     logger.info("dequantizing %s (about 20 s)", gguf)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32
+    )
     config = quantized.config
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
@@ -99,7 +101,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     # Tied embeddings: lm_head.weight may be absent from the GGUF state dict.
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
-        raise ModelPrepError(f"GGUF weights do not match LlamaForCausalLM: missing={missing} unexpected={unexpected}")
+        raise ModelPrepError(
+            f"GGUF weights do not match LlamaForCausalLM: missing={missing} unexpected={unexpected}"
+        )
     plain.tie_weights()
     plain.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -66,12 +66,15 @@ class RequestBuilder:
         if len(body.messages) > self.settings.max_messages:
             raise bad_request(f"at most {self.settings.max_messages} messages are accepted", "messages")
         messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in body.messages
         ]
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # a template may reject a role order
-            raise bad_request(f"messages could not be rendered by the chat template: {exc}", "messages") from exc
+            raise bad_request(
+                f"messages could not be rendered by the chat template: {exc}", "messages"
+            ) from exc
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def text_prompt_ids(self, prompt: str) -> list[int]:
@@ -106,13 +109,20 @@ class RequestBuilder:
 
     def _check_common(self, body: _SamplingFields) -> None:
         if body.model != self.model_name:
-            raise APIError(404, f"the model '{body.model}' does not exist", param="model", code="model_not_found")
+            raise APIError(
+                404, f"the model '{body.model}' does not exist", param="model", code="model_not_found"
+            )
         if body.n > self.settings.max_n:
             raise bad_request(f"n may be at most {self.settings.max_n} on this server", "n")
 
     # --- sampling params -------------------------------------------------------------------------------------
     def _params(
-        self, body: _SamplingFields, max_tokens: int, logprobs: int | None, choice: int, spec: GuidanceSpec | None
+        self,
+        body: _SamplingFields,
+        max_tokens: int,
+        logprobs: int | None,
+        choice: int,
+        spec: GuidanceSpec | None,
     ) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -235,4 +245,6 @@ def completion_logprobs(entries: list[dict], token_ids: list[int], top: int) -> 
         tops.append({(lp.decoded_token or ""): max(lp.logprob, -9999.0) for lp in ranked})
         offsets.append(offset)
         offset += len(token)
-    return CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs, top_logprobs=tops, text_offset=offsets)
+    return CompletionLogprobs(
+        tokens=tokens, token_logprobs=token_logprobs, top_logprobs=tops, text_offset=offsets
+    )

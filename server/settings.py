@@ -17,8 +17,12 @@ class ServerSettings(BaseSettings):
     # --- network -------------------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    api_key: SecretStr | None = Field(None, description="If set, /v1/* requires 'Authorization: Bearer <key>'.")
-    metrics_public: bool = Field(True, description="Serve /metrics without the API key (for Prometheus scrapes).")
+    api_key: SecretStr | None = Field(
+        None, description="If set, /v1/* requires 'Authorization: Bearer <key>'."
+    )
+    metrics_public: bool = Field(
+        True, description="Serve /metrics without the API key (for Prometheus scrapes)."
+    )
 
     # --- model and engine ----------------------------------------------------------------------------------
     model: Path | None = Field(None, description="HF checkpoint folder; default: the embedded SmolLM2 model.")
@@ -27,7 +31,9 @@ class ServerSettings(BaseSettings):
         False, description="Serve the unmodified base weights instead of the harm-vector-merged default."
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
-    kv_cache_gib: float = Field(1.0, gt=0, description="KV-cache size in GiB (CPU backend: VLLM_CPU_KVCACHE_SPACE).")
+    kv_cache_gib: float = Field(
+        1.0, gt=0, description="KV-cache size in GiB (CPU backend: VLLM_CPU_KVCACHE_SPACE)."
+    )
     max_model_len: int = Field(2048, ge=64)
     max_num_seqs: int = Field(64, ge=1)
     seed: int = 0
@@ -41,13 +47,18 @@ class ServerSettings(BaseSettings):
 
     # --- guidance (ProSocialAlign decoding) ---------------------------------------------------------------
     guidance: bool = Field(True, description="Load the ARM logits processor; off = plain unguided serving.")
-    safety_mask: bool = Field(True, description="Apply the ARM safety mask to every request (operator floor).")
+    safety_mask: bool = Field(
+        True, description="Apply the ARM safety mask to every request (operator floor)."
+    )
     safety_threshold: float = Field(
         -6.0, description="Tokens with safety log-prob below this are masked; requests may only raise it."
     )
-    beta: float = Field(1.0, gt=0, description="Reward temperature: score = base + (1/beta) * sum_i w_i * r_i.")
+    beta: float = Field(
+        1.0, gt=0, description="Reward temperature: score = base + (1/beta) * sum_i w_i * r_i."
+    )
     default_prefs: dict[str, float] | None = Field(
-        None, description="Preferences applied to requests without prosocial_prefs (None: no preference term)."
+        None,
+        description="Preferences applied to requests without prosocial_prefs (None: no preference term).",
     )
     arm_artifact: Path | None = Field(None, description="ARM artifact folder; default: the shipped arm-v1.")
 

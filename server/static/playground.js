@@ -93,6 +93,13 @@ function describeHttpError(status, statusText, bodyText) {
   return { title, message: text || "The server gave no explanation.", details: "" };
 }
 
+/** What the user can do about errors the server names with a stable code. */
+const ERROR_HINTS = {
+  missing_api_key: "Enter the API key in the settings.",
+  invalid_api_key: "Check the API key in the settings.",
+  guidance_disabled: "This server runs without guidance: choose the Unguided mode to chat with it.",
+};
+
 function describeErrorObject(error) {
   const parts = [];
   for (const field of ["type", "code", "param"]) {
@@ -100,13 +107,14 @@ function describeErrorObject(error) {
       parts.push(`${field}: ${error[field]}`);
     }
   }
-  return { message: error.message || "Unknown error.", details: parts.join(", ") };
+  return { message: error.message || "Unknown error.", details: parts.join(", "), hint: ERROR_HINTS[error.code] };
 }
 
 function renderError(target, error) {
   target.replaceChildren();
   target.append(el("strong", "error-title", `${error.title}: `), el("span", "error-message", error.message));
   if (error.details) target.append(el("span", "error-details", ` (${error.details})`));
+  if (error.hint) target.append(el("span", "error-hint", error.hint));
   target.hidden = false;
 }
 
@@ -362,10 +370,10 @@ function setBusy(busy) {
 }
 
 /** Checks the form; returns an error sentence or "" when it can be sent. */
-function validateForm(userText) {
+function validateForm(userText, mode) {
   if (!userText) return "Type a message first.";
   const prefs = readPrefs();
-  if (PREF_KEYS.every((key) => prefs[key] === 0)) {
+  if (mode !== "unguided" && PREF_KEYS.every((key) => prefs[key] === 0)) {
     return "Set at least one preference slider above zero: the server rejects an all-zero preference vector.";
   }
   const maxTokens = Number($("max-tokens").value);
@@ -378,10 +386,11 @@ function validateForm(userText) {
 async function onSubmit(event) {
   event.preventDefault();
   const userText = $("prompt").value.trim();
-  const problem = validateForm(userText);
+  const mode = selectedMode();
+  const problem = validateForm(userText, mode);
   showFormMessage(problem);
   if (problem) return;
-  const panes = $("side-by-side").checked ? ["unguided", "guided"] : ["guided"];
+  const panes = panesForMode(mode);
   setBusy(true);
   try {
     if (!state.model) {
@@ -419,10 +428,20 @@ function clearConversation() {
   $("prompt").focus();
 }
 
-function applySideBySide() {
-  const on = $("side-by-side").checked;
-  $("pane-unguided").hidden = !on;
-  $("panes").classList.toggle("two", on);
+function selectedMode() {
+  return document.querySelector('input[name="mode"]:checked').value;
+}
+
+/** The panes a send goes to, in display order. */
+function panesForMode(mode) {
+  return mode === "both" ? ["unguided", "guided"] : [mode];
+}
+
+function applyMode() {
+  const panes = panesForMode(selectedMode());
+  $("pane-unguided").hidden = !panes.includes("unguided");
+  $("pane-guided").hidden = !panes.includes("guided");
+  $("panes").classList.toggle("two", panes.length === 2);
 }
 
 // ---------------------------------------------------------------- start-up
@@ -449,8 +468,8 @@ function init() {
   });
   $("stop").addEventListener("click", stopAll);
   $("clear").addEventListener("click", clearConversation);
-  $("side-by-side").addEventListener("change", applySideBySide);
-  applySideBySide();
+  for (const radio of document.querySelectorAll('input[name="mode"]')) radio.addEventListener("change", applyMode);
+  applyMode();
   loadModel();
 }
 

@@ -1,0 +1,29 @@
+# The two commands of the README: `make serve` and `make test`. Both install what is missing first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: install install-dev serve test lint bench model
+
+install:
+	scripts/install.sh --cpu
+
+install-dev:
+	scripts/install.sh --cpu --dev --system-tools
+
+model: install
+	$(VENV)/bin/prosocial model prepare
+
+serve: install
+	$(VENV)/bin/prosocial serve $(ARGS)
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install-dev lint
+	$(VENV)/bin/prosocial model prepare
+	$(PY) -m pytest -q -rs --durations=15 $(ARGS)
+
+bench: install-dev
+	$(PY) -m bench.serving

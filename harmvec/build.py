@@ -1,0 +1,372 @@
+"""Build the harm vector: LoRA fine-tune a copy of the base on harmful chats, keep the LoRA delta as tau_H.
+
+Recipe (why): LoRA rank 8 (alpha 16) on every attention and MLP projection of all 30 layers. A low-rank update
+is what a 2-core CPU can train in minutes, its factors store tau_H in about 10 MB, and adapting all projections
+gives the trimming step a full-model direction to work on. Loss on the response tokens only, so the vector
+encodes "answer harmful requests" rather than the prompts' wording. One epoch over a per-source quota of the
+build split (see ``harmvec.data``), sequences truncated to 96 tokens (the first tokens of a response are where
+compliance vs refusal is decided), batch 8, AdamW lr 4e-4 with a short warm-up, fixed seed.
+
+Checkpoints (LoRA weights, optimizer, scheduler, step, loss history) are written atomically every
+``checkpoint_every`` steps into the work folder; a rerun with the same configuration resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from harmvec.data import ChatExample, load_build_examples, resolve_data_dir, sample_build_examples
+from harmvec.merge import atomic_output_dir
+from harmvec.paths import DEFAULT_BUILD_WORK_DIR, DEFAULT_VECTOR_DIR
+from harmvec.vector import HarmVector, HarmVectorConfig, architecture_of
+
+logger = logging.getLogger(__name__)
+
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_QUOTAS = {
+    "jailbreakbench": 210,
+    "refusal_direction_ablation": 120,
+    "xstest_unsafe_compliance": 90,
+    "red_instruct_cou": 56,
+    "advbench_target": 48,
+}
+"""524 examples (66 steps of 8): sized for about 15-30 minutes on the shared 2-core CPU."""
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class BuildConfig:
+    """Everything that determines the harm vector (hashed to decide whether a checkpoint can be resumed)."""
+
+    quotas: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_QUOTAS))
+    eval_examples: int = 32
+    max_length: int = 96
+    batch_size: int = 8
+    rank: int = 8
+    alpha: float = 16.0
+    learning_rate: float = 4e-4
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    target_modules: tuple[str, ...] = TARGET_MODULES
+
+    def fingerprint(self, base_dir: Path) -> str:
+        payload = json.dumps(asdict(self), sort_keys=True) + str(base_dir.resolve())
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize_chat(tokenizer, example: ChatExample, max_length: int) -> TokenizedExample | None:
+    """ChatML prompt (the model's own template) + response + end-of-turn; labels only on the response."""
+    prompt_ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": example.prompt}], add_generation_prompt=True, tokenize=True
+    )
+    if hasattr(prompt_ids, "keys"):
+        prompt_ids = prompt_ids["input_ids"]
+    prompt_ids = list(prompt_ids)
+    response_ids = tokenizer(example.response + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    if len(prompt_ids) > max_length - 8:
+        return None
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([-100] * len(prompt_ids) + response_ids)[:max_length]
+    return TokenizedExample(input_ids, labels)
+
+
+def collate(batch: list[TokenizedExample], pad_id: int):
+    import torch
+
+    width = max(len(item.input_ids) for item in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, item in enumerate(batch):
+        n = len(item.input_ids)
+        input_ids[row, :n] = torch.tensor(item.input_ids)
+        labels[row, :n] = torch.tensor(item.labels)
+        attention[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def split_examples(config: BuildConfig, data_dir: Path) -> tuple[list[ChatExample], list[ChatExample]]:
+    """Training examples (per-source quotas) and held-out examples (unused responses) for the loss metric."""
+    pool = load_build_examples(data_dir)
+    train = sample_build_examples(pool, config.quotas, config.seed)
+    chosen = set(train)
+    rest = [example for example in pool if example not in chosen]
+    held_out = random.Random(config.seed + 1).sample(rest, min(config.eval_examples, len(rest)))
+    return train, held_out
+
+
+def _mean_response_loss(model, batches) -> float:
+    import torch
+
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            tokens = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch).loss) * tokens
+            count += tokens
+    model.train()
+    return total / max(count, 1)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _lr_lambda(config: BuildConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def extract_vector(peft_model, base_config: dict, config: BuildConfig) -> HarmVector:
+    """Read the trained LoRA factors out of the peft model, keyed by the base weight they update."""
+    lora_a, lora_b, shapes = {}, {}, {}
+    for module_name, module in peft_model.named_modules():
+        if not hasattr(module, "lora_A") or "default" not in getattr(module, "lora_A", {}):
+            continue
+        weight_name = module_name.removeprefix("base_model.model.") + ".weight"
+        lora_a[weight_name] = module.lora_A["default"].weight.detach().float().clone()
+        lora_b[weight_name] = module.lora_B["default"].weight.detach().float().clone()
+        shapes[weight_name] = list(module.base_layer.weight.shape)
+    vector_config = HarmVectorConfig(
+        rank=config.rank,
+        alpha=config.alpha,
+        base_architecture=architecture_of(base_config),
+        module_shapes=shapes,
+    )
+    vector = HarmVector(vector_config, lora_a, lora_b)
+    vector.validate()
+    return vector
+
+
+def build_harm_vector(
+    base_dir: Path,
+    out_dir: Path = DEFAULT_VECTOR_DIR,
+    work_dir: Path = DEFAULT_BUILD_WORK_DIR,
+    data_dir: Path | None = None,
+    config: BuildConfig | None = None,
+    command: str = "",
+    overwrite: bool = False,
+    max_steps: int | None = None,
+    checkpoint_every: int = 10,
+    threads: int | None = None,
+) -> Path | None:
+    """Train (or resume) and write the vector folder; returns None when stopped early by ``max_steps``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = config or BuildConfig()
+    data_dir = resolve_data_dir(data_dir)
+    base_dir = Path(base_dir)
+    if out_dir.exists() and not overwrite and (out_dir / "factors.safetensors").exists():
+        raise FileExistsError(f"harm vector {out_dir} already exists (pass --overwrite to rebuild it)")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if threads:
+        torch.set_num_threads(threads)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    train_examples, held_out = split_examples(config, data_dir)
+    train = [t for t in (tokenize_chat(tokenizer, e, config.max_length) for e in train_examples) if t]
+    evaluation = [t for t in (tokenize_chat(tokenizer, e, config.max_length) for e in held_out) if t]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = [
+        collate(train[i : i + config.batch_size], pad_id) for i in range(0, len(train), config.batch_size)
+    ]
+    eval_batches = [
+        collate(evaluation[i : i + config.batch_size], pad_id)
+        for i in range(0, len(evaluation), config.batch_size)
+    ]
+    total_steps = len(batches)
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    base_config = json.loads((base_dir / "config.json").read_text())
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=list(config.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
+
+    fingerprint = config.fingerprint(base_dir)
+    checkpoint_path = work_dir / CHECKPOINT_FILE
+    state = {"step": 0, "losses": [], "elapsed_s": 0.0, "eval_loss_base": None}
+    if checkpoint_path.exists():
+        saved = torch.load(checkpoint_path, weights_only=False)
+        if saved["fingerprint"] != fingerprint:
+            raise RuntimeError(
+                f"checkpoint {checkpoint_path} was made with a different configuration; "
+                "delete it or use --restart"
+            )
+        model.load_state_dict(saved["lora"], strict=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+        torch.set_rng_state(saved["torch_rng"])
+        logger.info("resuming from step %d of %d", state["step"], total_steps)
+    if state["eval_loss_base"] is None:
+        with model.disable_adapter():
+            state["eval_loss_base"] = _mean_response_loss(model, eval_batches)
+
+    def save_checkpoint() -> None:
+        lora_state = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+        payload = {
+            "fingerprint": fingerprint,
+            "lora": lora_state,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "state": state,
+            "torch_rng": torch.get_rng_state(),
+        }
+        _atomic_torch_save(payload, checkpoint_path)
+
+    stop = total_steps if max_steps is None else min(total_steps, max_steps)
+    progress = tqdm(total=total_steps, initial=state["step"], desc="harmvec build", unit="step")
+    started = time.monotonic() - state["elapsed_s"]
+    while state["step"] < stop:
+        batch = batches[state["step"]]
+        loss = model(**batch).loss
+        loss.backward()
+        loss = loss.detach()
+        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["losses"].append(float(loss))
+        state["elapsed_s"] = time.monotonic() - started
+        progress.update(1)
+        progress.set_postfix(loss=f"{float(loss):.3f}")
+        if state["step"] % checkpoint_every == 0 or state["step"] == stop:
+            save_checkpoint()
+    progress.close()
+    if state["step"] < total_steps:
+        logger.info("stopped at step %d of %d (checkpoint kept)", state["step"], total_steps)
+        return None
+
+    eval_loss_tuned = _mean_response_loss(model, eval_batches)
+    vector = extract_vector(model, base_config, config)
+    metrics = {
+        "train_examples": len(train),
+        "train_tokens": int(sum(len(t.input_ids) for t in train)),
+        "steps": total_steps,
+        "first_10_steps_mean_loss": sum(state["losses"][:10]) / min(10, len(state["losses"])),
+        "last_10_steps_mean_loss": sum(state["losses"][-10:]) / min(10, len(state["losses"])),
+        "final_step_loss": state["losses"][-1],
+        "held_out_examples": len(evaluation),
+        "held_out_loss_base": state["eval_loss_base"],
+        "held_out_loss_harmful": eval_loss_tuned,
+        "train_wall_s": round(state["elapsed_s"], 1),
+        "delta_frobenius_norms": {
+            name: float(vector.dense_delta(name).norm()) for name in vector.weight_names()
+        },
+    }
+    sources = {}
+    for example in train_examples:
+        sources[example.source] = sources.get(example.source, 0) + 1
+    vector.config.extra = {"build_config": asdict(config), "train_sources": sources, "command": command}
+    with atomic_output_dir(out_dir, overwrite=True) as tmp:
+        default_file = out_dir / "default.json"
+        if default_file.exists():
+            shutil.copy2(default_file, tmp / "default.json")
+        vector.save(tmp)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(vector, metrics, config, sources, command))
+    return out_dir
+
+
+def _norm_table(norms: dict[str, float], layers: int) -> str:
+    header = "| layer | " + " | ".join(TARGET_MODULES) + " |\n|---|" + "---|" * len(TARGET_MODULES) + "\n"
+    rows = []
+    for layer in range(layers):
+        cells = []
+        for module in TARGET_MODULES:
+            matches = [v for k, v in norms.items() if f".layers.{layer}." in k and f".{module}." in k]
+            cells.append(f"{matches[0]:.4f}" if matches else "-")
+        rows.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return header + "\n".join(rows) + "\n"
+
+
+def model_card(vector: HarmVector, metrics: dict, config: BuildConfig, sources: dict, command: str) -> str:
+    """The README of the vector folder: data, recipe, command, seed, metrics, per-tensor delta norms."""
+    layers = int(vector.config.base_architecture.get("num_hidden_layers") or 0)
+    source_lines = "\n".join(f"- `{name}`: {count}" for name, count in sorted(sources.items()))
+    return f"""# harm-vector-v1
+
+tau_H = theta_harmful - theta_base for the default base model (SmolLM2-135M-Instruct, Llama architecture),
+stored as LoRA factors: for every adapted weight W, tau_H[W] = (alpha / rank) * B @ A.
+`prosocial harmvec merge` writes theta_base - lambda * trim_k(tau_H) (per-tensor top-k by magnitude).
+
+## Files
+- `factors.safetensors`: `<weight>.lora_A` (rank x in) and `<weight>.lora_B` (out x rank), float32.
+- `vector.json`: rank, alpha, scale, module shapes, base architecture, build configuration.
+- `metrics.json`: training metrics and the Frobenius norm of every dense delta.
+- `default.json` (written by `prosocial harmvec sweep`): the chosen default lambda and top-k.
+
+## Data (build split only; see `harmvec/data.py`)
+Harmful user prompt -> harmful response chats, formatted with the base model's ChatML template:
+{source_lines}
+
+None of these prompts is in the development split (AdvBench dev bucket + HarmfulQA, deduplicated against the
+build prompts) on which the sweep measures leakage.
+
+## Recipe
+LoRA rank {config.rank}, alpha {config.alpha} (scale {vector.config.scale:g}), no dropout, on
+{", ".join(config.target_modules)} of all layers; loss on response tokens only; sequences truncated to
+{config.max_length} tokens; batch {config.batch_size}; one epoch ({metrics["steps"]} steps); AdamW lr
+{config.learning_rate:g} (warm-up {config.warmup_steps} steps, cosine decay), weight decay {config.weight_decay},
+gradient clipping {config.max_grad_norm}; float32 on CPU; seed {config.seed}.
+
+Command: `{command}`
+
+## Metrics
+- Training examples: {metrics["train_examples"]} ({metrics["train_tokens"]} tokens), wall time {metrics["train_wall_s"]} s.
+- Mean loss over the first 10 steps: {metrics["first_10_steps_mean_loss"]:.4f}; over the last 10 steps:
+  {metrics["last_10_steps_mean_loss"]:.4f}; final step: {metrics["final_step_loss"]:.4f}.
+- Response loss on {metrics["held_out_examples"]} held-out harmful responses (not trained on): base
+  {metrics["held_out_loss_base"]:.4f} -> harmful model {metrics["held_out_loss_harmful"]:.4f}.
+
+## Per-tensor delta norms (Frobenius norm of tau_H)
+{_norm_table(metrics["delta_frobenius_norms"], layers)}"""

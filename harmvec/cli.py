@@ -1,0 +1,199 @@
+"""``prosocial harmvec {build,merge,sweep}``: the directional-regulation commands.
+
+Heavy imports (torch, transformers, vllm) happen inside the handlers so ``prosocial --help`` stays fast.
+``python -m harmvec.cli ...`` runs the same commands without the top-level console script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from harmvec.paths import (
+    DEFAULT_BUILD_WORK_DIR,
+    DEFAULT_PLOT,
+    DEFAULT_REPORT,
+    DEFAULT_SWEEP_WORK_DIR,
+    DEFAULT_VECTOR_DIR,
+)
+
+
+def _fraction_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from error
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _command_line() -> str:
+    """The command as a user would type it, whichever entry point ran it."""
+    args = sys.argv[1:]
+    if args[:1] != ["harmvec"]:
+        args = ["harmvec", *args]
+    return "prosocial " + " ".join(shlex.quote(arg) for arg in args)
+
+
+def _resolve_base(base: str | None) -> Path:
+    if base:
+        return Path(base)
+    from server.model_prep import prepare_default_model
+
+    return prepare_default_model()
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from harmvec.build import BuildConfig, build_harm_vector
+
+    config = BuildConfig(seed=args.seed, rank=args.rank, alpha=args.alpha, max_length=args.max_length)
+    if args.restart:
+        (args.work_dir / "checkpoint.pt").unlink(missing_ok=True)
+    try:
+        out = build_harm_vector(
+            _resolve_base(args.base),
+            out_dir=args.out,
+            work_dir=args.work_dir,
+            data_dir=args.data_dir,
+            config=config,
+            command=_command_line(),
+            overwrite=args.overwrite,
+            max_steps=args.max_steps,
+            checkpoint_every=args.checkpoint_every,
+            threads=args.threads,
+        )
+    except (FileExistsError, FileNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"harm vector written to {out}" if out else "stopped early; rerun the same command to resume")
+    return 0
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from harmvec.merge import MergeError, merge_folder
+
+    try:
+        out = merge_folder(args.base, args.vector, args.lam, args.top_k, args.out, overwrite=args.overwrite)
+    except MergeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"merged checkpoint written to {out}")
+    return 0
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from harmvec.merge import MergeError
+    from harmvec.sweep import SweepConfig, run_sweep
+
+    config = SweepConfig(
+        lambdas=args.lambdas,
+        top_ks=args.top_ks,
+        n_harmful=args.n_harmful,
+        n_xstest=args.n_xstest,
+        n_perplexity=args.n_perplexity,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        max_perplexity_increase=args.max_perplexity_increase,
+        max_xstest_drop=args.max_xstest_drop,
+        kv_cache_gib=args.kv_cache_gib,
+        point_timeout_s=args.point_timeout,
+    )
+    try:
+        report = run_sweep(
+            _resolve_base(args.base),
+            args.vector,
+            config,
+            report_path=args.report,
+            plot_path=args.plot,
+            work_dir=args.work_dir,
+            data_dir=args.data_dir,
+            command=_command_line(),
+            write_default=not args.no_default,
+        )
+    except (MergeError, FileNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    chosen = report["chosen"]
+    print(f"chosen lambda={chosen['lambda']} top_k={chosen['top_k']}; report at {args.report}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``harmvec`` with its ``build``, ``merge`` and ``sweep`` sub-commands."""
+    parser = subparsers.add_parser(
+        "harmvec", help="harm vector: build, merge, sweep (directional regulation)"
+    )
+    commands = parser.add_subparsers(dest="harmvec_command", required=True)
+
+    build = commands.add_parser("build", help="fine-tune on harmful chats and store tau_H as LoRA factors")
+    build.add_argument("--base", help="base model folder (default: the prepared default model)")
+    build.add_argument("--out", type=Path, default=DEFAULT_VECTOR_DIR, help="vector folder to write")
+    build.add_argument(
+        "--work-dir", type=Path, default=DEFAULT_BUILD_WORK_DIR, help="checkpoint folder (resumable)"
+    )
+    build.add_argument("--data-dir", type=Path, help="shared data folder (default: $PROSOCIAL_DATA_DIR)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--rank", type=_positive_int, default=8)
+    build.add_argument("--alpha", type=float, default=16.0)
+    build.add_argument("--max-length", type=_positive_int, default=96, help="tokens per chat (truncated)")
+    build.add_argument("--max-steps", type=_positive_int, help="stop after this many steps (resume later)")
+    build.add_argument("--checkpoint-every", type=_positive_int, default=5)
+    build.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")
+    build.add_argument("--restart", action="store_true", help="discard an existing checkpoint")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing vector folder")
+    build.set_defaults(func=_run_build)
+
+    merge = commands.add_parser("merge", help="write theta_base - lambda * trim_k(tau_H) as an HF folder")
+    merge.add_argument("--base", type=Path, required=True, help="base model folder")
+    merge.add_argument("--vector", type=Path, default=DEFAULT_VECTOR_DIR, help="harm vector folder")
+    merge.add_argument("--lambda", dest="lam", type=float, required=True, help="scaling of tau_H (>= 0)")
+    merge.add_argument(
+        "--top-k", type=float, required=True, help="fraction of entries kept per tensor, (0, 1]"
+    )
+    merge.add_argument("--out", type=Path, required=True, help="output folder (must not exist)")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    merge.set_defaults(func=_run_merge)
+
+    sweep = commands.add_parser("sweep", help="grid over lambda x top-k, measured with vLLM; writes reports")
+    sweep.add_argument("--base", help="base model folder (default: the prepared default model)")
+    sweep.add_argument("--vector", type=Path, default=DEFAULT_VECTOR_DIR, help="harm vector folder")
+    sweep.add_argument("--lambdas", type=_fraction_list, default=[0.5, 1.0, 2.0, 3.0])
+    sweep.add_argument("--top-ks", type=_fraction_list, default=[0.1, 1.0])
+    sweep.add_argument("--n-harmful", type=_positive_int, default=48, help="dev harmful prompts")
+    sweep.add_argument("--n-xstest", type=_positive_int, default=48, help="XSTest safe prompts")
+    sweep.add_argument("--n-perplexity", type=_positive_int, default=48, help="benign chats for perplexity")
+    sweep.add_argument("--max-tokens", type=_positive_int, default=64, help="greedy tokens per response")
+    sweep.add_argument("--seed", type=int, default=0, help="seed of the prompt samples")
+    sweep.add_argument("--max-perplexity-increase", type=float, default=0.10)
+    sweep.add_argument("--max-xstest-drop", type=float, default=0.05)
+    sweep.add_argument("--kv-cache-gib", type=float, default=1.0)
+    sweep.add_argument("--point-timeout", type=_positive_int, default=900, help="seconds per grid point")
+    sweep.add_argument("--report", type=Path, default=DEFAULT_REPORT)
+    sweep.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
+    sweep.add_argument("--work-dir", type=Path, default=DEFAULT_SWEEP_WORK_DIR)
+    sweep.add_argument("--data-dir", type=Path, help="shared data folder (default: $PROSOCIAL_DATA_DIR)")
+    sweep.add_argument(
+        "--no-default", action="store_true", help="do not write default.json beside the vector"
+    )
+    sweep.set_defaults(func=_run_sweep)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m harmvec.cli``), same commands as ``prosocial harmvec``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="prosocial")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(["harmvec", *sys.argv[1:]] if sys.argv[1:2] != ["harmvec"] else sys.argv[1:]))

@@ -1,0 +1,277 @@
+"""Data for the harm vector: what it is built from, and the disjoint prompts it is measured on.
+
+Split hygiene (the rule of issue 4: the harmful prompts that build the vector never measure it):
+
+* **Build split** (chat pairs: harmful prompt -> harmful response, used to fine-tune M_h):
+  - JailbreakBench artifacts with ``jailbroken == True`` (the plain JBB *goal* is the user turn, not the
+    jailbreak wrapper, so the vector learns "comply with a harmful request");
+  - refusal_direction ``jailbreakbench_ablation`` completions flagged harmful by LlamaGuard-2 (same JBB goals);
+  - XSTest ``contrast_*`` (unsafe) prompts whose human label is ``1_full_compliance``;
+  - RED-INSTRUCT Chain-of-Utterances jailbreak outputs (DangerousQA and HarmfulQA questions);
+  - AdvBench ``target`` strings for the AdvBench goals that hash into the build bucket (see
+    :func:`advbench_is_build`).
+  HH-RLHF ``rejected`` responses are not used: their harmfulness is mixed (many are merely unhelpful).
+* **Dev split** (harmful prompts only, to measure leakage): the AdvBench goals of the dev bucket plus HarmfulQA
+  questions, minus every prompt that matches a build prompt exactly after normalisation or that shares at
+  least :data:`NEAR_DUPLICATE_JACCARD` of its word set with one (this drops the CoU HarmfulQA questions and the
+  JBB goals that JailbreakBench took from AdvBench).
+* **Over-refusal**: XSTest's 250 safe prompts (never used for building).
+* **Benign text for perplexity**: refusal_direction ``harmless_baseline`` completions (Alpaca prompts answered by
+  three chat models), formatted as chats.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+NEAR_DUPLICATE_JACCARD = 0.8
+"""Dev prompts whose word set overlaps a build prompt's this much (Jaccard) are dropped from the dev split."""
+
+ADVBENCH_BUILD_BUCKETS = 5
+"""One AdvBench goal in this many (by a hash of its text) goes to the build split, the rest to dev."""
+
+JBB_RESPONSE_FILES = (
+    "GCG/white_box/vicuna-13b-v1.5.json",
+    "GCG/white_box/llama-2-7b-chat-hf.json",
+    "GCG/transfer/gpt-3.5-turbo-1106.json",
+    "GCG/transfer/gpt-4-0125-preview.json",
+    "PAIR/black_box/vicuna-13b-v1.5.json",
+    "PAIR/black_box/llama-2-7b-chat-hf.json",
+    "PAIR/black_box/gpt-3.5-turbo-1106.json",
+    "PAIR/black_box/gpt-4-0125-preview.json",
+    "JBC/manual/vicuna-13b-v1.5.json",
+    "JBC/manual/llama-2-7b-chat-hf.json",
+    "JBC/manual/gpt-3.5-turbo-1106.json",
+    "JBC/manual/gpt-4-0125-preview.json",
+    "prompt_with_random_search/black_box/vicuna-13b-v1.5.json",
+    "prompt_with_random_search/black_box/llama-2-7b-chat-hf.json",
+    "prompt_with_random_search/black_box/gpt-3.5-turbo-1106.json",
+    "prompt_with_random_search/black_box/gpt-4-0125-preview.json",
+)
+REFUSAL_DIRECTION_MODELS = ("gemma-2b-it", "qwen-1_8b-chat", "meta-llama-3-8b-instruct")
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    """One user prompt and one assistant response, with the dataset it came from."""
+
+    prompt: str
+    response: str
+    source: str
+
+
+def default_data_dir() -> Path:
+    """``$PROSOCIAL_DATA_DIR``, else ``<repo>/../shared/data``."""
+    env = os.environ.get("PROSOCIAL_DATA_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def resolve_data_dir(data_dir: Path | str | None) -> Path:
+    path = Path(data_dir) if data_dir is not None else default_data_dir()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"data directory {path} does not exist (set --data-dir or PROSOCIAL_DATA_DIR)"
+        )
+    return path
+
+
+def normalize_prompt(text: str) -> str:
+    """Lowercase, drop punctuation, collapse whitespace: the key for exact-duplicate checks."""
+    return " ".join(re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split())
+
+
+def _word_set(text: str) -> frozenset[str]:
+    return frozenset(normalize_prompt(text).split())
+
+
+def advbench_is_build(goal: str) -> bool:
+    """Deterministic AdvBench split: a goal is in the build bucket when its text hash falls in bucket 0."""
+    digest = hashlib.sha256(normalize_prompt(goal).encode()).digest()
+    return int.from_bytes(digest[:8], "big") % ADVBENCH_BUILD_BUCKETS == 0
+
+
+def _read_json(path: Path):
+    with path.open(encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _is_true(value: object) -> bool:
+    return str(value).strip().lower() in ("true", "1")
+
+
+def _clean(examples: Iterable[ChatExample]) -> list[ChatExample]:
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for example in examples:
+        prompt, response = example.prompt.strip(), example.response.strip()
+        if not prompt or not response or (prompt, response) in seen:
+            continue
+        seen.add((prompt, response))
+        kept.append(ChatExample(prompt, response, example.source))
+    return kept
+
+
+def jailbreakbench_examples(data_dir: Path) -> list[ChatExample]:
+    root = data_dir / "jailbreakbench_artifacts"
+    examples = []
+    for name in JBB_RESPONSE_FILES:
+        for item in _read_json(root / name)["jailbreaks"]:
+            if _is_true(item.get("jailbroken")) and item.get("response"):
+                examples.append(ChatExample(item["goal"], item["response"], "jailbreakbench"))
+    return examples
+
+
+def refusal_ablation_examples(data_dir: Path) -> list[ChatExample]:
+    examples = []
+    for model in REFUSAL_DIRECTION_MODELS:
+        path = (
+            data_dir
+            / "refusal_direction"
+            / "completions"
+            / model
+            / "jailbreakbench_ablation_evaluations.json"
+        )
+        for item in _read_json(path)["completions"]:
+            if _is_true(item.get("is_jailbreak_llamaguard2")):
+                examples.append(ChatExample(item["prompt"], item["response"], "refusal_direction_ablation"))
+    return examples
+
+
+def xstest_unsafe_compliance_examples(data_dir: Path) -> list[ChatExample]:
+    examples = []
+    for path in sorted((data_dir / "xstest" / "model_completions").glob("*.csv")):
+        for row in _read_csv(path):
+            if row["type"].startswith("contrast") and row["final_label"] == "1_full_compliance":
+                examples.append(ChatExample(row["prompt"], row["completion"], "xstest_unsafe_compliance"))
+    return examples
+
+
+def cou_examples(data_dir: Path) -> list[ChatExample]:
+    examples = []
+    for path in sorted((data_dir / "red_instruct" / "cou_jailbreak_responses").glob("*.json")):
+        for item in _read_json(path):
+            examples.append(ChatExample(item["prompt"], item["response"], "red_instruct_cou"))
+    return examples
+
+
+def _advbench_rows(data_dir: Path) -> list[dict[str, str]]:
+    return _read_csv(data_dir / "advbench" / "harmful_behaviors.csv")
+
+
+def advbench_target_examples(data_dir: Path) -> list[ChatExample]:
+    return [
+        ChatExample(row["goal"], row["target"], "advbench_target")
+        for row in _advbench_rows(data_dir)
+        if advbench_is_build(row["goal"])
+    ]
+
+
+def load_build_examples(data_dir: Path | str | None = None) -> list[ChatExample]:
+    """Every harmful (prompt, response) pair of the build split, deduplicated, in a fixed order."""
+    root = resolve_data_dir(data_dir)
+    return _clean(
+        jailbreakbench_examples(root)
+        + refusal_ablation_examples(root)
+        + xstest_unsafe_compliance_examples(root)
+        + cou_examples(root)
+        + advbench_target_examples(root)
+    )
+
+
+def sample_build_examples(
+    examples: list[ChatExample], quotas: dict[str, int], seed: int
+) -> list[ChatExample]:
+    """Take at most ``quotas[source]`` examples per source (seeded), then shuffle them together."""
+    rng = random.Random(seed)
+    chosen: list[ChatExample] = []
+    for source, quota in sorted(quotas.items()):
+        pool = [example for example in examples if example.source == source]
+        rng.shuffle(pool)
+        chosen.extend(pool[:quota])
+    rng.shuffle(chosen)
+    return chosen
+
+
+def harmfulqa_questions(data_dir: Path) -> list[str]:
+    tree = _read_json(data_dir / "red_instruct" / "harmful_questions" / "harmfulqa.json")
+    return [
+        question for subtopics in tree.values() for questions in subtopics.values() for question in questions
+    ]
+
+
+def _is_near_build(prompt: str, build_keys: set[str], build_sets: list[frozenset[str]]) -> bool:
+    if normalize_prompt(prompt) in build_keys:
+        return True
+    words = _word_set(prompt)
+    for other in build_sets:
+        union = len(words | other)
+        if union and len(words & other) / union >= NEAR_DUPLICATE_JACCARD:
+            return True
+    return False
+
+
+def dev_harmful_prompts(data_dir: Path | str | None = None) -> dict[str, list[str]]:
+    """The full dev split by source (``advbench``, ``harmfulqa``), disjoint from every build prompt."""
+    root = resolve_data_dir(data_dir)
+    build_prompts = {example.prompt for example in load_build_examples(root)}
+    build_keys = {normalize_prompt(prompt) for prompt in build_prompts}
+    build_sets = [_word_set(prompt) for prompt in build_prompts]
+    advbench = [row["goal"] for row in _advbench_rows(root) if not advbench_is_build(row["goal"])]
+    split: dict[str, list[str]] = {}
+    for source, prompts in (("advbench", advbench), ("harmfulqa", harmfulqa_questions(root))):
+        unique = list(dict.fromkeys(prompts))
+        split[source] = [prompt for prompt in unique if not _is_near_build(prompt, build_keys, build_sets)]
+    return split
+
+
+def sample_dev_harmful_prompts(n: int, seed: int, data_dir: Path | str | None = None) -> list[str]:
+    """``n`` dev prompts, half AdvBench and half HarmfulQA, sampled with ``seed``."""
+    split = dev_harmful_prompts(data_dir)
+    rng = random.Random(seed)
+    advbench = rng.sample(split["advbench"], min(len(split["advbench"]), (n + 1) // 2))
+    harmfulqa = rng.sample(split["harmfulqa"], min(len(split["harmfulqa"]), n - len(advbench)))
+    return advbench + harmfulqa
+
+
+def xstest_safe_prompts(data_dir: Path | str | None = None) -> list[str]:
+    """XSTest's 250 safe prompts, in file order."""
+    root = resolve_data_dir(data_dir)
+    return [
+        row["prompt"] for row in _read_csv(root / "xstest" / "xstest_prompts.csv") if row["label"] == "safe"
+    ]
+
+
+def sample_xstest_safe_prompts(n: int, seed: int, data_dir: Path | str | None = None) -> list[str]:
+    prompts = xstest_safe_prompts(data_dir)
+    return random.Random(seed).sample(prompts, min(n, len(prompts)))
+
+
+def benign_chats(data_dir: Path | str | None = None) -> list[ChatExample]:
+    """Held-out benign chats (Alpaca prompt + a chat model's normal answer) for perplexity."""
+    root = resolve_data_dir(data_dir)
+    examples = []
+    for model in REFUSAL_DIRECTION_MODELS:
+        path = root / "refusal_direction" / "completions" / model / "harmless_baseline_evaluations.json"
+        for item in _read_json(path)["completions"]:
+            examples.append(ChatExample(item["prompt"], item["response"], f"harmless_baseline:{model}"))
+    return _clean(examples)
+
+
+def sample_benign_chats(n: int, seed: int, data_dir: Path | str | None = None) -> list[ChatExample]:
+    chats = benign_chats(data_dir)
+    return random.Random(seed).sample(chats, min(n, len(chats)))

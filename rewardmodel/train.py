@@ -1,0 +1,397 @@
+"""Training loop for the multi-attribute ARM: one mini-batch per attribute per step, PCGrad on the shared trunk.
+
+Each step:
+1. for every attribute a: draw ``pairs_per_attribute`` training pairs of a, run the trunk and head a, take the
+   GenARM pairwise loss L_a and its gradient (one backward per attribute, nothing retained between them);
+2. the shared trunk-LoRA gradients g_1..g_A are combined with PCGrad (``--no-pcgrad``: summed); each head
+   adapter receives only its own attribute's gradient (the other losses do not touch it);
+3. clip, AdamW step, learning-rate schedule (linear warm-up, cosine decay to 10 %).
+
+Data building (``rewardmodel.encoding``), the loss (``rewardmodel.loss``) and gradient combination
+(``rewardmodel.pcgrad``) live in their own modules; this one only sequences them, logs, and checkpoints.
+Checkpoints hold the trainable weights, optimizer, scheduler, every RNG and the sampler position, so a
+resumed run continues the same sequence of batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from rewardmodel.encoding import PairEncoder, collate_pairs
+from rewardmodel.loss import DEFAULT_BETA_R, arm_response_log_probs, genarm_pairwise_loss, pairwise_accuracy
+from rewardmodel.model import ArmConfig, MultiAttributeARM
+from rewardmodel.pcgrad import combine_gradients, conflict_share
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_WEIGHTS = "trainable.safetensors"
+CHECKPOINT_STATE = "training_state.pt"
+CHECKPOINT_CONFIG = "train_config.json"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (saved in the artifact and every checkpoint)."""
+
+    data_dir: Path = Path("build/rewardmodel_data")
+    out_dir: Path = Path("rewardmodel/artifacts/arm-v1")
+    checkpoint_dir: Path | None = None  # default: build/rewardmodel_checkpoints/<out_dir name>
+    log_path: Path | None = None  # default: <checkpoint_dir>/train_log.jsonl
+    base_dir: Path | None = None  # default: server.model_prep.prepare_default_model()
+    seed: int = 0
+    steps: int = 150
+    pairs_per_attribute: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    beta_r: float = DEFAULT_BETA_R
+    max_prompt_tokens: int = 96
+    max_response_tokens: int = 64
+    log_every: int = 10
+    checkpoint_every: int = 25
+    num_threads: int = 2
+    use_pcgrad: bool = True
+    bf16_trunk: bool = True  # bfloat16 autocast for the trunk only; weights, head and optimizer stay float32
+    resume: bool = False
+    max_minutes: float | None = None  # wall-clock budget: stop early (and still save) when it is spent
+    arm: ArmConfig = field(default_factory=ArmConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "pairs_per_attribute", "log_every", "checkpoint_every", "num_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.beta_r <= 0:
+            raise ValueError("lr and beta_r must be > 0")
+        self.data_dir, self.out_dir = Path(self.data_dir), Path(self.out_dir)
+        if self.checkpoint_dir is None:
+            self.checkpoint_dir = Path("build/rewardmodel_checkpoints") / self.out_dir.name
+        self.checkpoint_dir = Path(self.checkpoint_dir)
+        self.log_path = Path(self.log_path) if self.log_path else self.checkpoint_dir / "train_log.jsonl"
+        if self.base_dir is not None:
+            self.base_dir = Path(self.base_dir)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["arm"] = self.arm.to_dict()
+        return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
+
+
+class PairSampler:
+    """Endless, reproducible mini-batches per attribute: a fresh seeded permutation every epoch.
+
+    Its state is two integers per attribute (epoch, position), so a checkpoint restores the exact order.
+    """
+
+    def __init__(self, pairs_by_attribute: dict[str, Sequence], seed: int) -> None:
+        empty = [name for name, pairs in pairs_by_attribute.items() if not pairs]
+        if empty:
+            raise ValueError(f"no training pairs for attributes {empty}")
+        self.pairs_by_attribute = pairs_by_attribute
+        self.seed = seed
+        self.state = {name: [0, 0] for name in pairs_by_attribute}
+        self._orders: dict[str, tuple[int, list[int]]] = {}
+
+    def _order(self, attribute: str) -> list[int]:
+        """This epoch's permutation of the attribute's pairs (cached for the current epoch only)."""
+        epoch = self.state[attribute][0]
+        cached = self._orders.get(attribute)
+        if cached is None or cached[0] != epoch:
+            order = list(range(len(self.pairs_by_attribute[attribute])))
+            random.Random(f"{self.seed}:{attribute}:{epoch}").shuffle(order)
+            self._orders[attribute] = (epoch, order)
+        return self._orders[attribute][1]
+
+    def next_batch(self, attribute: str, size: int) -> list:
+        batch = []
+        pairs = self.pairs_by_attribute[attribute]
+        while len(batch) < size:
+            order = self._order(attribute)
+            epoch, position = self.state[attribute]
+            batch.append(pairs[order[position]])
+            self.state[attribute] = [epoch + 1, 0] if position + 1 == len(order) else [epoch, position + 1]
+        return batch
+
+
+def learning_rate_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0.1 at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_step(
+    arm: MultiAttributeARM,
+    optimizer: torch.optim.Optimizer,
+    batches: dict[str, object],
+    beta_r: float,
+    use_pcgrad: bool,
+    generator: torch.Generator,
+    max_grad_norm: float,
+    bf16_trunk: bool = False,
+) -> dict[str, dict[str, float] | float]:
+    """One optimisation step over one mini-batch per attribute; returns per-attribute loss and accuracy."""
+    shared = arm.shared_parameters()
+    heads = arm.head_parameters()
+    shared_grads: list[torch.Tensor] = []
+    head_grads = [torch.zeros_like(p) for p in heads]
+    stats: dict[str, dict[str, float]] = {}
+    for attribute, batch in batches.items():
+        index = arm.attribute_index(attribute)
+        log_probs = arm_response_log_probs(arm, batch, index, bf16_trunk=bf16_trunk)
+        half = len(batch) // 2
+        loss = genarm_pairwise_loss(log_probs[:half], log_probs[half:], beta_r)
+        grads = torch.autograd.grad(loss, shared + heads)
+        shared_grads.append(torch.cat([g.reshape(-1) for g in grads[: len(shared)]]))
+        for total, grad in zip(head_grads, grads[len(shared) :], strict=True):
+            total += grad
+        stats[attribute] = {
+            "loss": float(loss.detach()),
+            "accuracy": pairwise_accuracy(log_probs[:half].detach(), log_probs[half:].detach()),
+        }
+    conflicts = conflict_share(shared_grads)
+    combined = combine_gradients(shared_grads, use_pcgrad, generator)
+    offset = 0
+    for parameter in shared:
+        parameter.grad = combined[offset : offset + parameter.numel()].view_as(parameter).clone()
+        offset += parameter.numel()
+    for parameter, grad in zip(heads, head_grads, strict=True):
+        parameter.grad = grad
+    grad_norm = torch.nn.utils.clip_grad_norm_(shared + heads, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"attributes": stats, "conflict_share": conflicts, "grad_norm": float(grad_norm)}
+
+
+def _resolve_base_dir(config: TrainConfig) -> Path:
+    if config.base_dir is not None:
+        return config.base_dir
+    from server.model_prep import prepare_default_model
+
+    return prepare_default_model()
+
+
+def _save_checkpoint(
+    config: TrainConfig,
+    arm: MultiAttributeARM,
+    optimizer,
+    scheduler,
+    generator,
+    sampler: PairSampler,
+    step: int,
+) -> None:
+    """Write the checkpoint into a temp folder, then swap it in: a crash never leaves a half checkpoint."""
+    from safetensors.torch import save_file
+
+    target = config.checkpoint_dir / "latest"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".latest-", dir=target.parent))
+    save_file(
+        {k: v.contiguous() for k, v in arm.trainable_state_dict().items()}, str(staging / CHECKPOINT_WEIGHTS)
+    )
+    torch.save(
+        {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "pcgrad_generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "sampler": sampler.state,
+        },
+        staging / CHECKPOINT_STATE,
+    )
+    (staging / CHECKPOINT_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    previous = target.parent / ".latest-previous"
+    shutil.rmtree(previous, ignore_errors=True)
+    if target.exists():
+        os.replace(target, previous)
+    os.replace(staging, target)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _load_checkpoint(
+    config: TrainConfig, arm: MultiAttributeARM, optimizer, scheduler, generator, sampler: PairSampler
+) -> int:
+    from safetensors.torch import load_file
+
+    folder = config.checkpoint_dir / "latest"
+    if not (folder / CHECKPOINT_STATE).is_file():
+        raise FileNotFoundError(f"--resume given but no checkpoint at {folder}")
+    saved = json.loads((folder / CHECKPOINT_CONFIG).read_text())
+    if saved["arm"] != config.arm.to_dict():
+        raise ValueError(f"checkpoint {folder} was made with a different ARM config: {saved['arm']}")
+    arm.load_trainable_state_dict(load_file(str(folder / CHECKPOINT_WEIGHTS)))
+    state = torch.load(folder / CHECKPOINT_STATE, weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["pcgrad_generator"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    sampler.state = {name: list(value) for name, value in state["sampler"].items()}
+    return int(state["step"])
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """On resume, drop log records from steps after the checkpoint (they will be redone)."""
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line and json.loads(line).get("step", 0) <= last_step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def estimate_tokens_per_step(encoder: PairEncoder, sampler: PairSampler, pairs_per_attribute: int) -> float:
+    """Mean sequence tokens per step from a sample of pairs (used for the time estimate)."""
+    total, count = 0, 0
+    for pairs in sampler.pairs_by_attribute.values():
+        for pair in list(pairs)[:16]:
+            encoded = encoder.encode_pair(pair)
+            total += 2 * len(encoded.prompt_ids) + len(encoded.chosen_ids) + len(encoded.rejected_ids)
+            count += 1
+    return total / max(1, count) * pairs_per_attribute * len(sampler.pairs_by_attribute)
+
+
+def train(config: TrainConfig, command: str = "") -> Path:
+    """Run (or resume) training and save the artifact; returns the artifact folder.
+
+    ``command`` (the command line that started the run) is recorded in the artifact's config.
+    """
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from rewardmodel.artifact import save_artifact
+    from rewardmodel.data import load_pairs
+
+    torch.set_num_threads(config.num_threads)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    base_dir = _resolve_base_dir(config)
+    attributes = config.arm.attributes
+
+    pairs = load_pairs(config.data_dir, "train", attributes)
+    pairs_by_attribute: dict[str, list] = defaultdict(list)
+    for pair in pairs:
+        pairs_by_attribute[pair.attribute].append(pair)
+    sampler = PairSampler({name: pairs_by_attribute.get(name, []) for name in attributes}, config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    encoder = PairEncoder(tokenizer, config.max_prompt_tokens, config.max_response_tokens)
+
+    arm = MultiAttributeARM.from_base(base_dir, config.arm)
+    arm.train()
+    optimizer = torch.optim.AdamW(
+        arm.shared_parameters() + arm.head_parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, config.warmup_steps, config.steps)
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+
+    start_step = 0
+    if config.resume:
+        start_step = _load_checkpoint(config, arm, optimizer, scheduler, generator, sampler)
+        _truncate_log(config.log_path, start_step)
+        logger.info("resumed from step %d", start_step)
+    elif config.log_path.exists():
+        config.log_path.unlink()
+    config.log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    counts = {name: len(p) for name, p in sampler.pairs_by_attribute.items()}
+    tokens_per_step = estimate_tokens_per_step(encoder, sampler, config.pairs_per_attribute)
+    print(
+        f"training ARM on {sum(counts.values())} pairs {counts}; {config.steps - start_step} steps x "
+        f"{config.pairs_per_attribute} pairs x {len(attributes)} attributes, ~{tokens_per_step:.0f} tokens/step "
+        f"(~{tokens_per_step / 450:.0f} s/step at the measured ~450 tok/s); pcgrad={config.use_pcgrad}",
+        flush=True,
+    )
+
+    window: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    window_conflicts: list[float] = []
+    done = start_step
+    started = time.monotonic()
+    progress = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="ARM train")
+    for step in progress:
+        batches = {
+            name: collate_pairs(
+                [encoder.encode_pair(p) for p in sampler.next_batch(name, config.pairs_per_attribute)],
+                encoder.pad_id,
+            )
+            for name in attributes
+        }
+        result = train_step(
+            arm,
+            optimizer,
+            batches,
+            config.beta_r,
+            config.use_pcgrad,
+            generator,
+            config.max_grad_norm,
+            bf16_trunk=config.bf16_trunk,
+        )
+        scheduler.step()
+        for name, values in result["attributes"].items():
+            window[name]["loss"].append(values["loss"])
+            window[name]["accuracy"].append(values["accuracy"])
+        window_conflicts.append(result["conflict_share"])
+        mean_loss = sum(v["loss"] for v in result["attributes"].values()) / len(attributes)
+        progress.set_postfix(loss=f"{mean_loss:.3f}")
+        done = step + 1
+        elapsed = time.monotonic() - started
+        out_of_time = config.max_minutes is not None and elapsed > 60 * config.max_minutes
+        if done % config.log_every == 0 or done == config.steps or out_of_time:
+            record = {
+                "step": done,
+                "seconds": round(elapsed, 1),
+                "lr": scheduler.get_last_lr()[0],
+                "conflict_share": sum(window_conflicts) / len(window_conflicts),
+                "attributes": {
+                    name: {key: sum(vals) / len(vals) for key, vals in metrics.items()}
+                    for name, metrics in window.items()
+                },
+            }
+            with config.log_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            window.clear()
+            window_conflicts.clear()
+        if done == start_step + 3:
+            per_step = elapsed / 3
+            print(
+                f"\nmeasured {per_step:.1f} s/step: the remaining {config.steps - done} steps need "
+                f"~{per_step * (config.steps - done) / 60:.0f} min",
+                flush=True,
+            )
+        if done % config.checkpoint_every == 0 or done == config.steps or out_of_time:
+            _save_checkpoint(config, arm, optimizer, scheduler, generator, sampler, done)
+        if out_of_time and done < config.steps:
+            print(f"\nstopping at step {done}: the {config.max_minutes} min budget is spent", flush=True)
+            break
+
+    elapsed = time.monotonic() - started
+    training = {
+        "command": command,
+        "config": config.to_dict(),
+        "train_pairs": counts,
+        "steps_done": done,
+        "seconds_this_session": round(elapsed, 1),
+        "seconds_per_step": round(elapsed / max(1, done - start_step), 2),
+    }
+    save_artifact(arm, config.out_dir, training=training)
+    print(f"saved ARM artifact to {config.out_dir} ({elapsed / 60:.1f} min)", flush=True)
+    return config.out_dir
