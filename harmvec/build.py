@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -307,10 +306,7 @@ def build_harm_vector(
     for example in train_examples:
         sources[example.source] = sources.get(example.source, 0) + 1
     vector.config.extra = {"build_config": asdict(config), "train_sources": sources, "command": command}
-    with atomic_output_dir(out_dir, overwrite=True) as tmp:
-        default_file = out_dir / "default.json"
-        if default_file.exists():
-            shutil.copy2(default_file, tmp / "default.json")
+    with atomic_output_dir(out_dir, overwrite=True) as tmp:  # a rebuilt vector needs a new sweep (no default)
         vector.save(tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(vector, metrics, config, sources, command))

@@ -212,6 +212,9 @@ def create_app(settings: ServerSettings, engine: Any, builder: RequestBuilder) -
             metrics.ENGINE_HEALTHY.set(0)
             return unavailable("the inference engine is not running", "engine_dead").response()
         metrics.ENGINE_HEALTHY.set(1)
+        telemetry = app_state.builder.telemetry
+        if telemetry is not None and telemetry.ready is False:
+            return unavailable(f"guidance is unavailable: {telemetry.error}", "guidance_unavailable").response()
         if app_state.draining:
             return unavailable("the server is shutting down", "shutting_down").response()
         return JSONResponse({"status": "ok"})
@@ -240,7 +243,7 @@ def create_app(settings: ServerSettings, engine: Any, builder: RequestBuilder) -
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         app_state = require_serving(request)
         plan = app_state.builder.chat(body)
-        generation = Generation(app_state.engine, plan.jobs)
+        generation = Generation(app_state.engine, plan.jobs, app_state.builder.telemetry)
         rid, created, model = _new_id("chatcmpl"), int(time.time()), app_state.builder.model_name
         if not body.stream:
             results = await _collect(request, generation)
@@ -312,7 +315,7 @@ def create_app(settings: ServerSettings, engine: Any, builder: RequestBuilder) -
     async def completions(body: CompletionRequest, request: Request) -> Any:
         app_state = require_serving(request)
         plan = app_state.builder.completion(body)
-        generation = Generation(app_state.engine, plan.jobs)
+        generation = Generation(app_state.engine, plan.jobs, app_state.builder.telemetry)
         rid, created, model = _new_id("cmpl"), int(time.time()), app_state.builder.model_name
         if not body.stream:
             results = await _collect(request, generation)

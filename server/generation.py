@@ -24,6 +24,7 @@ class ChoiceJob:
     request_id: str
     prompt_ids: list[int]
     params: Any  # vllm.SamplingParams
+    guided: bool = False  # the guidance processor must confirm every token of this choice
 
 
 @dataclass
@@ -36,6 +37,8 @@ class ChoiceResult:
     logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    content_filtered: bool = False
+    stats: Any = None  # guidance telemetry (server.telemetry.RowStats) for guided choices
 
 
 @dataclass
@@ -48,6 +51,8 @@ class ChoiceDelta:
     token_ids: list[int]
     logprobs: list[dict]
     finish_reason: str | None
+    content_filtered: bool = False
+    stats: Any = None
 
 
 def engine_error(exc: BaseException) -> APIError:
@@ -67,10 +72,23 @@ def engine_error(exc: BaseException) -> APIError:
 class Generation:
     """All engine requests of one API request; aborts whatever is unfinished when closed."""
 
-    def __init__(self, engine: Any, jobs: list[ChoiceJob]) -> None:
+    def __init__(self, engine: Any, jobs: list[ChoiceJob], telemetry: Any = None) -> None:
         self.engine = engine
         self.jobs = jobs
+        self.telemetry = telemetry
         self._unfinished = {job.request_id for job in jobs}
+        self._confirmed_tokens: dict[str, int] = {}
+
+    async def _confirm(self, job: ChoiceJob, new_tokens: int, finished: bool) -> Any:
+        """For a guided choice, wait for the processor's word that it guided every token so far (fail closed)."""
+        if not job.guided or self.telemetry is None:
+            return None
+        total = self._confirmed_tokens.get(job.request_id, 0) + new_tokens
+        self._confirmed_tokens[job.request_id] = total
+        stats = await self.telemetry.confirm(job.request_id, total)
+        if finished:
+            self.telemetry.forget([job.request_id])
+        return stats
 
     async def abort_unfinished(self) -> None:
         if self._unfinished:
@@ -78,6 +96,8 @@ class Generation:
             self._unfinished.clear()
             metrics.ABORTED_REQUESTS.inc(len(ids))
             await self.engine.abort(ids)
+            if self.telemetry is not None:
+                self.telemetry.forget(ids)
 
     async def _run_one(self, job: ChoiceJob) -> ChoiceResult:
         result = ChoiceResult(job.index, job.request_id, len(job.prompt_ids))
@@ -92,6 +112,8 @@ class Generation:
             result.stop_reason = completion.stop_reason
             if out.finished:
                 self._unfinished.discard(job.request_id)
+        result.stats = await self._confirm(job, len(result.token_ids), True)
+        result.content_filtered = bool(result.stats and result.stats.filtered and result.finish_reason == "stop")
         return result
 
     async def collect(self) -> list[ChoiceResult]:
@@ -119,11 +141,11 @@ class Generation:
             for job in self.jobs
         ]
 
-        def delta(job: ChoiceJob, out: Any) -> ChoiceDelta:
+        async def delta(job: ChoiceJob, out: Any) -> ChoiceDelta:
             completion = out.outputs[0]
             if out.finished:
                 self._unfinished.discard(job.request_id)
-            return ChoiceDelta(
+            d = ChoiceDelta(
                 job.index,
                 job.request_id,
                 completion.text,
@@ -131,11 +153,14 @@ class Generation:
                 list(completion.logprobs or []),
                 completion.finish_reason if out.finished else None,
             )
+            d.stats = await self._confirm(job, len(d.token_ids), out.finished)
+            d.content_filtered = bool(d.stats and d.stats.filtered and d.finish_reason == "stop")
+            return d
 
         firsts: list[ChoiceDelta] = []
         try:
             for job, gen in zip(self.jobs, streams, strict=True):
-                firsts.append(delta(job, await gen.__anext__()))
+                firsts.append(await delta(job, await gen.__anext__()))
         except BaseException as exc:
             await self.abort_unfinished()
             if isinstance(exc, Exception) and not isinstance(exc, StopAsyncIteration):
@@ -146,7 +171,7 @@ class Generation:
             try:
                 if first.finish_reason is None:
                     async for out in gen:
-                        await queue.put(delta(job, out))
+                        await queue.put(await delta(job, out))
             except Exception as exc:  # surfaced to the consumer below
                 await queue.put(exc)
             finally:

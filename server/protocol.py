@@ -177,11 +177,14 @@ class ProsocialInfo(BaseModel):
     prefs: dict[str, float] | None = None
     safety_mask: bool
     safety_threshold: float | None = None
-    masked_tokens: int = 0
-    mean_reward: float | None = Field(
-        None, description="Mean preference-weighted ARM log-prob of the emitted tokens (all but the last)."
+    masked_tokens: int = Field(0, description="Candidate tokens removed by the safety mask over the response.")
+    content_filtered: bool = False
+    mean_rewards: dict[str, float] | None = Field(
+        None,
+        description=(
+            "Per-attribute mean ARM log-prob of the emitted tokens (within the candidate set; all but the last token)."
+        ),
     )
-    mean_safety_logprob: float | None = None
 
 
 class TopLogprob(BaseModel):
@@ -270,8 +273,3 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
-
-
-def jsonable(obj: Any) -> Any:
-    """Pydantic model -> plain JSON-able dict without ``None`` noise in nested optional objects."""
-    return obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj

@@ -35,7 +35,6 @@ class Plan:
     logprobs: bool
     top_logprobs: int
     specs: dict[str, GuidanceSpec | None] = field(default_factory=dict)
-    stats: Any = None  # telemetry lookup: request_id -> per-choice guidance stats (server.telemetry)
 
     def prosocial_info(self, choice: Any) -> ProsocialInfo | None:
         spec = self.specs.get(choice.request_id)
@@ -47,8 +46,11 @@ class Plan:
             safety_mask=spec.safety_mask,
             safety_threshold=spec.safety_threshold if spec.safety_mask else None,
         )
-        if self.stats is not None:
-            self.stats.fill(choice.request_id, info)
+        stats = getattr(choice, "stats", None)
+        if stats is not None:
+            info.masked_tokens = stats.masked
+            info.content_filtered = stats.filtered
+            info.mean_rewards = stats.rewards
         return info
 
 
@@ -163,7 +165,8 @@ class RequestBuilder:
                 request_id = f"{base_id}-{index}"
                 spec = self.policy.spec(request_id, prefs, threshold)
                 params = self._params(body, max_tokens[p], logprobs, index, spec)
-                jobs.append(ChoiceJob(index, request_id, prompt_ids, params))
+                guided = spec is not None and spec.needs_arm
+                jobs.append(ChoiceJob(index, request_id, prompt_ids, params, guided))
                 specs[request_id] = spec
         return jobs, specs
 
@@ -175,7 +178,7 @@ class RequestBuilder:
         max_tokens = self._max_tokens(body.requested_max_tokens(), len(prompt_ids), param)
         top = body.top_logprobs or 0
         jobs, specs = self._jobs(body, [prompt_ids], [max_tokens], top if body.logprobs else None)
-        return Plan(jobs, len(prompt_ids), body.logprobs, top, specs, self.telemetry)
+        return Plan(jobs, len(prompt_ids), body.logprobs, top, specs)
 
     def completion(self, body: CompletionRequest) -> Plan:
         self._check_common(body)
@@ -185,7 +188,7 @@ class RequestBuilder:
         max_tokens = [self._max_tokens(body.max_tokens, len(ids), "max_tokens") for ids in prompts]
         jobs, specs = self._jobs(body, prompts, max_tokens, body.logprobs)
         top = body.logprobs or 0
-        return Plan(jobs, sum(len(p) for p in prompts), body.logprobs is not None, top, specs, self.telemetry)
+        return Plan(jobs, sum(len(p) for p in prompts), body.logprobs is not None, top, specs)
 
 
 # --- rendering engine outputs --------------------------------------------------------------------------------

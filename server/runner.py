@@ -40,10 +40,11 @@ async def run_server(settings: ServerSettings, log_level: str = "info") -> int:
     builder = RequestBuilder(settings, tokenizer, model.name, str(model.path))
     processors, additional_config = None, None
     if settings.guidance:
-        from server.telemetry import GuidanceTelemetry, processor_config
+        from server.guided.config import processor_setup
+        from server.telemetry import GuidanceTelemetry
 
         builder.telemetry = GuidanceTelemetry()
-        processors, additional_config = processor_config(settings, model, builder.telemetry)
+        processors, additional_config = processor_setup(settings, model, builder.telemetry.address)
     engine = build_engine(settings, model, processors, additional_config)
     app = create_app(settings, engine, builder)
     config = uvicorn.Config(

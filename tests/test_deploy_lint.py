@@ -136,8 +136,11 @@ def test_cpu_image_sets_the_cpu_backend_environment() -> None:
 
 
 def test_gpu_image_uses_a_cuda_base() -> None:
-    froms = [args for keyword, args in parse_dockerfile(DOCKERFILES["gpu"]) if keyword == "FROM"]
+    instructions = parse_dockerfile(DOCKERFILES["gpu"])
+    froms = [args for keyword, args in instructions if keyword == "FROM"]
     assert all(image.startswith("nvidia/cuda:") for image in froms), froms
+    # The guidance processor implements vLLM's V1 model-runner interface; the GPU build defaults to V2.
+    assert env_of(stages(instructions)[-1])["VLLM_USE_V2_MODEL_RUNNER"] == "0"
 
 
 @pytest.mark.parametrize("variant", sorted(DOCKERFILES))
@@ -157,3 +160,12 @@ def test_images_copy_every_package_and_only_existing_paths(variant: str) -> None
     for source in sources:
         assert (REPO_ROOT / source).exists(), f"COPY source {source} does not exist in the repository"
     assert (REPO_ROOT / "scripts" / "install.sh").is_file(), "the images install with scripts/install.sh"
+
+    ignore_file = DOCKERFILES[variant].with_name(DOCKERFILES[variant].name + ".dockerignore")
+    ignored = {
+        line.strip() for line in ignore_file.read_text().splitlines() if line.strip() and line[0] != "#"
+    }
+    assert {".venv", ".git"} <= ignored, "the 3.5 GB virtualenv and the history stay out of the build context"
+    assert not ignored & {source.rstrip("/") for source in sources}, (
+        "a copied path is excluded from the context"
+    )

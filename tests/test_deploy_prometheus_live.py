@@ -224,13 +224,13 @@ def test_dashboard_values_reflect_the_traffic(prometheus: Prometheus, traffic: d
     job = f'job="{PROMETHEUS_JOB}"'
     assert (
         prometheus.scalar(
-            f'sum(rate(prosocial_requests_total{{{job}, endpoint="/v1/chat/completions"}}[1m]))'
+            f'sum(rate(prosocial_requests_total{{{job}, endpoint="/v1/chat/completions"}}[5m]))'
         )
         > 0
     )
     guided_share = prometheus.scalar(
-        f"sum(rate(prosocial_guided_requests_total{{{job}}}[1m]))"
-        f' / sum(rate(prosocial_requests_total{{{job}, endpoint=~"/v1/(chat/)?completions"}}[1m]))'
+        f"sum(rate(prosocial_guided_requests_total{{{job}}}[5m]))"
+        f' / sum(rate(prosocial_requests_total{{{job}, endpoint=~"/v1/(chat/)?completions"}}[5m]))'
     )
     assert 0 < guided_share <= 1
     requests_total = traffic["chat"] + traffic["completions"]

@@ -204,6 +204,7 @@ def test_train_resume_artifact_round_trip_and_base_mismatch(
 ) -> None:
     from safetensors.torch import load_file
 
+    from rewardmodel import train as train_module
     from rewardmodel.artifact import (
         CONFIG_FILE,
         WEIGHTS_FILE,
@@ -212,7 +213,6 @@ def test_train_resume_artifact_round_trip_and_base_mismatch(
         load_arm,
     )
     from rewardmodel.loss import arm_response_log_probs
-    from rewardmodel import train as train_module
 
     _write_split(tmp_path / "data", _pairs(), "train")
     straight = train_module.train(_tiny_config(tmp_path, base_dir, steps=3, out="straight"))

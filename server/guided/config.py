@@ -1,0 +1,78 @@
+"""Processor settings, passed from the API process to the engine's worker through vLLM's ``additional_config``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ADDITIONAL_CONFIG_KEY = "prosocial"
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    base_dir: str  # the base checkpoint the ARM was trained from (tokenizer and embedding identity)
+    artifact_dir: str  # the ARM artifact
+    dtype: str = "bfloat16"
+    slots: int = 64  # = the engine's max_num_seqs: one KV-cache slot per batch row
+    max_len: int = 2048  # = the engine's max_model_len
+    candidate_top_k: int = 256
+    eos_token_id: int = 2
+    telemetry_address: str | None = None
+    fault_after_steps: int | None = None  # testing hook: make the ARM raise after N guided steps
+
+    def to_additional_config(self) -> dict:
+        return {ADDITIONAL_CONFIG_KEY: asdict(self)}
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config) -> ProcessorConfig:
+        raw = (getattr(vllm_config, "additional_config", None) or {}).get(ADDITIONAL_CONFIG_KEY)
+        if raw is None:
+            raise ValueError("the prosocial logits processor needs additional_config['prosocial']")
+        return cls(**raw)
+
+
+DEFAULT_ARM_ARTIFACT = Path(__file__).resolve().parents[2] / "rewardmodel" / "artifacts" / "arm-v1"
+
+
+class GuidanceConfigError(ValueError):
+    """Guidance cannot be set up for this model (the server refuses to start rather than serve unguided)."""
+
+
+def processor_setup(settings, model, telemetry_address: str) -> tuple[list[str], dict]:
+    """The ``logits_processors`` and ``additional_config`` engine arguments for guided serving.
+
+    The ARM reads the engine's token ids, so the served model must share the ARM base's tokenizer.
+    """
+    from server.model_prep import prepare_default_model
+
+    artifact = Path(settings.arm_artifact or DEFAULT_ARM_ARTIFACT).expanduser().resolve()
+    base = prepare_default_model()
+    _check_same_tokenizer(Path(model.path), base)
+    config = ProcessorConfig(
+        base_dir=str(base),
+        artifact_dir=str(artifact),
+        dtype="bfloat16" if settings.dtype == "auto" else settings.dtype,
+        slots=settings.max_num_seqs,
+        max_len=settings.max_model_len,
+        candidate_top_k=settings.candidate_top_k,
+        eos_token_id=_eos_token_id(base),
+        telemetry_address=telemetry_address,
+        fault_after_steps=settings.arm_fault_after_steps,
+    )
+    return ["server.guided.v1:ProsocialLogitsProcessor"], config.to_additional_config()
+
+
+def _eos_token_id(model_dir: Path) -> int:
+    eos = json.loads((model_dir / "config.json").read_text()).get("eos_token_id")
+    return int(eos[0] if isinstance(eos, list) else eos)
+
+
+def _check_same_tokenizer(model_dir: Path, base_dir: Path) -> None:
+    if model_dir == base_dir:
+        return
+    ours, theirs = model_dir / "tokenizer.json", base_dir / "tokenizer.json"
+    if not ours.is_file() or ours.read_bytes() != theirs.read_bytes():
+        raise GuidanceConfigError(
+            f"--model {model_dir} does not share the ARM's tokenizer ({base_dir}); serve it with --no-guidance"
+        )

@@ -1,0 +1,265 @@
+"""The lexicographic decoding rule, independent of any engine interface.
+
+Per guided row and step:
+1. candidates: the base model's top-k tokens, EOS always included; everything else is removed;
+2. hard constraint: a candidate whose safety margin ``log pi_safety(v) - log pi_neutral(v)`` (ARM log-probs
+   normalised within the candidates) is below the request's threshold gets ``-inf``; EOS is never masked, so a
+   row always keeps a candidate, and a row left with only EOS is *content-filtered*;
+3. within the safe set: ``base_logit(v) + (1/beta) * sum_i w_i * log pi_i(v)`` over the five prosocial attributes.
+
+State lives in tensors indexed by batch slot (vLLM style); an adapter maps an engine's batch bookkeeping onto
+``add`` / ``remove`` / ``move`` / ``swap`` and calls ``apply`` once per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rewardmodel.attributes import ALL_ATTRIBUTES, PROSOCIAL_ATTRIBUTES, SAFETY_ATTRIBUTE
+
+logger = logging.getLogger(__name__)
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class RowRequest:
+    """The Python-side part of a slot: identity and token lists (``output`` grows in place as the engine decodes)."""
+
+    request_id: str
+    prompt: list[int]
+    output: list[int]
+
+
+class LexicographicScorer:
+    def __init__(
+        self,
+        runtime_factory: Callable[[], object],
+        slots: int,
+        candidate_top_k: int,
+        eos_token_id: int,
+        publish: Callable[[dict], None] = lambda message: None,
+        fault_after_steps: int | None = None,
+    ) -> None:
+        self.slots = slots
+        self.k = candidate_top_k
+        self.eos = eos_token_id
+        self.publish = publish
+        self.fault_after_steps = fault_after_steps
+        self.total_steps = 0
+        self.error: str | None = None
+        try:
+            self.runtime = runtime_factory()
+        except Exception as exc:  # fail closed: guided requests will end with a guidance failure
+            logger.exception("the ARM could not be loaded")
+            self.runtime, self.error = None, f"ARM load failed: {type(exc).__name__}: {exc}"
+        attrs = self.runtime.shape.attributes if self.runtime is not None else ALL_ATTRIBUTES
+        if self.runtime is not None and set(attrs) != set(ALL_ATTRIBUTES):
+            self.runtime, self.error = None, f"ARM attributes {attrs} differ from {ALL_ATTRIBUTES}"
+        self.attributes = tuple(attrs)
+        # lp rows from the runtime: 0 = neutral head, 1 + a = attribute a.
+        self.pref_rows = [1 + self.attributes.index(a) for a in PROSOCIAL_ATTRIBUTES]
+        self.safety_row = 1 + self.attributes.index(SAFETY_ATTRIBUTE)
+        publish({"t": "status", "ready": self.error is None, "error": self.error})
+
+        A = len(self.attributes)
+        self.requests: dict[int, RowRequest] = {}
+        self.prefs = torch.zeros(slots, len(PROSOCIAL_ATTRIBUTES))
+        self.has_prefs = torch.zeros(slots, dtype=torch.bool)
+        self.mask_on = torch.zeros(slots, dtype=torch.bool)
+        self.threshold = torch.zeros(slots)
+        self.inv_beta = torch.ones(slots)
+        self.steps = torch.zeros(slots, dtype=torch.long)
+        self.masked = torch.zeros(slots, dtype=torch.long)
+        self.filtered = torch.zeros(slots, dtype=torch.bool)
+        self.failed = torch.zeros(slots, dtype=torch.bool)
+        self.reward_sums = torch.zeros(slots, A)
+        self.reward_count = torch.zeros(slots, dtype=torch.long)
+        self.prev_cand = torch.full((slots, self.k), -1, dtype=torch.long)
+        self.prev_lp = torch.zeros(slots, A, self.k)
+        self._per_slot = [
+            self.prefs,
+            self.has_prefs,
+            self.mask_on,
+            self.threshold,
+            self.inv_beta,
+            self.steps,
+            self.masked,
+            self.filtered,
+            self.failed,
+            self.reward_sums,
+            self.reward_count,
+            self.prev_cand,
+            self.prev_lp,
+        ]
+
+    # ------------------------------------------------------------------------------------ batch bookkeeping
+    def add(self, slot: int, spec: dict, prompt: list[int], output: list[int]) -> None:
+        """A request joins at ``slot`` (new, or resumed after preemption: its cache is rebuilt from the lists)."""
+        self.requests[slot] = RowRequest(spec["request_id"], list(prompt), output)
+        prefs = spec.get("prefs")
+        self.has_prefs[slot] = prefs is not None
+        self.prefs[slot] = torch.tensor(prefs if prefs is not None else [0.0] * len(PROSOCIAL_ATTRIBUTES))
+        self.mask_on[slot] = bool(spec.get("safety_mask", True))
+        self.threshold[slot] = float(spec.get("safety_threshold", 0.0))
+        self.inv_beta[slot] = 1.0 / float(spec.get("beta", 1.0))
+        for t in (self.steps, self.masked, self.filtered, self.failed, self.reward_sums, self.reward_count):
+            t[slot] = 0
+        self.prev_cand[slot] = -1
+        if self.runtime is not None:
+            self.runtime.cache.free(slot)
+
+    def remove(self, slot: int) -> None:
+        request = self.requests.pop(slot, None)
+        if request is not None:
+            self.publish({"t": "removed", "rid": request.request_id})
+        if self.runtime is not None:
+            self.runtime.cache.free(slot)
+
+    def move(self, src: int, dst: int) -> None:
+        if src in self.requests:
+            self.requests[dst] = self.requests.pop(src)
+        else:
+            self.requests.pop(dst, None)
+        for t in self._per_slot:
+            t[dst] = t[src]
+        if self.runtime is not None:
+            self.runtime.cache.move(src, dst)
+
+    def swap(self, a: int, b: int) -> None:
+        ra, rb = self.requests.pop(a, None), self.requests.pop(b, None)
+        if ra is not None:
+            self.requests[b] = ra
+        if rb is not None:
+            self.requests[a] = rb
+        for t in self._per_slot:
+            t[[a, b]] = t[[b, a]]
+        if self.runtime is not None:
+            self.runtime.cache.swap(a, b)
+
+    @property
+    def active_slots(self) -> int:
+        return len(self.requests)
+
+    # ------------------------------------------------------------------------------------------- the step
+    def apply(self, logits: Tensor) -> Tensor:
+        rows = sorted(s for s in self.requests if s < logits.shape[0])
+        if not rows:
+            return logits
+        start = time.perf_counter()
+        try:
+            if self.runtime is None:
+                raise RuntimeError(self.error or "ARM unavailable")
+            self._guide(logits, rows)
+        except Exception as exc:
+            logger.exception("guidance failed for %d rows; ending them (fail closed)", len(rows))
+            self._fail(logits, rows, f"{type(exc).__name__}: {exc}")
+        self._publish_step(rows, time.perf_counter() - start)
+        return logits
+
+    def _guide(self, logits: Tensor, rows: list[int]) -> None:
+        fresh = [s for s in rows if self.failed[s] or self.filtered[s]]
+        if fresh:  # already failed or filtered rows only get EOS until the engine removes them
+            self._only_eos(logits, fresh)
+            rows = [s for s in rows if s not in set(fresh)]
+            if not rows:
+                return
+        self.total_steps += 1
+        if self.fault_after_steps is not None and self.total_steps > self.fault_after_steps:
+            raise RuntimeError("injected ARM fault (fault_after_steps)")
+        hidden = self._advance_caches(rows)
+        slot_t = torch.tensor(rows)
+        row_logits = logits[slot_t].float()
+        selection = row_logits.clone()
+        selection[:, self.eos] = float("inf")  # EOS is always a candidate
+        cand = torch.topk(selection, self.k, dim=-1).indices  # [R, K]
+        lp = self.runtime.candidate_log_probs(hidden.to(self.runtime.dtype), cand)  # [R, 1 + A, K]
+
+        score = row_logits.gather(1, cand)
+        reward = torch.einsum("rp,rpk->rk", self.prefs[slot_t], lp[:, self.pref_rows, :])
+        score = score + torch.where(self.has_prefs[slot_t, None], self.inv_beta[slot_t, None] * reward, 0.0)
+        margin = lp[:, self.safety_row, :] - lp[:, 0, :]
+        is_eos = cand == self.eos
+        masked = (margin < self.threshold[slot_t, None]) & ~is_eos & self.mask_on[slot_t, None]
+        score = score.masked_fill(masked, NEG_INF)
+
+        out = torch.full_like(row_logits, NEG_INF)
+        out.scatter_(1, cand, score)
+        logits[slot_t] = out.to(logits.dtype)
+
+        self.steps[slot_t] += 1
+        self.masked[slot_t] += masked.sum(1)
+        self.filtered[slot_t] |= (masked | is_eos).all(1) & self.mask_on[slot_t]
+        self.prev_cand[slot_t] = cand
+        self.prev_lp[slot_t] = lp[:, 1:, :]
+
+    def _advance_caches(self, rows: list[int]) -> Tensor:
+        """Feed every row's not-yet-seen tokens to the ARM; returns each row's last hidden state [R, H]."""
+        hidden: dict[int, Tensor] = {}
+        decode_slots, decode_tokens = [], []
+        for slot in rows:
+            request = self.requests[slot]
+            fed = int(self.runtime.cache.lengths[slot])
+            total = len(request.prompt) + len(request.output)
+            if fed > 0 and total - fed == 1:
+                decode_slots.append(slot)
+                decode_tokens.append(request.output[-1])
+            else:  # joined or resumed: (re)build the cache from the token lists
+                tokens = (request.prompt + request.output)[fed:] if fed > 0 else request.prompt + request.output
+                hidden[slot] = self.runtime.extend(slot, tokens) if fed > 0 else self.runtime.prefill(slot, tokens)
+        if decode_slots:
+            self._credit_emitted(decode_slots, decode_tokens)
+            for slot, h in zip(decode_slots, self.runtime.decode(decode_slots, decode_tokens), strict=True):
+                hidden[slot] = h
+        return torch.stack([hidden[s] for s in rows])
+
+    def _credit_emitted(self, slots: list[int], tokens: list[int]) -> None:
+        """Add the ARM log-probs (from the previous step) of the token each row just emitted to its totals."""
+        slot_t, token_t = torch.tensor(slots), torch.tensor(tokens)
+        match = self.prev_cand[slot_t] == token_t[:, None]  # [R, K]
+        found = match.any(1)
+        lp = (self.prev_lp[slot_t] * match[:, None, :]).sum(-1)  # [R, A]
+        self.reward_sums[slot_t] += lp * found[:, None]
+        self.reward_count[slot_t] += found.long()
+
+    def _only_eos(self, logits: Tensor, rows: list[int]) -> None:
+        slot_t = torch.tensor(rows)
+        eos_values = logits[slot_t, self.eos].clone()
+        logits[slot_t] = NEG_INF
+        logits[slot_t, self.eos] = torch.nan_to_num(eos_values, neginf=0.0)
+
+    def _fail(self, logits: Tensor, rows: list[int], reason: str) -> None:
+        self.failed[torch.tensor(rows)] = True
+        self._only_eos(logits, rows)
+        self.publish({"t": "failure", "reason": reason, "rids": [self.requests[s].request_id for s in rows]})
+
+    # ------------------------------------------------------------------------------------------- telemetry
+    def _publish_step(self, rows: list[int], seconds: float) -> None:
+        slot_t = torch.tensor(rows)
+        means = (self.reward_sums[slot_t] / self.reward_count[slot_t, None].clamp(min=1)).tolist()
+        counts = self.reward_count[slot_t].tolist()
+        self.publish(
+            {
+                "t": "step",
+                "arm_s": seconds,
+                "batch": len(rows),
+                "slots": self.active_slots,
+                "rows": [
+                    {
+                        "rid": self.requests[s].request_id,
+                        "steps": int(self.steps[s]),
+                        "masked": int(self.masked[s]),
+                        "filtered": bool(self.filtered[s]),
+                        "failed": bool(self.failed[s]),
+                        "rewards": dict(zip(self.attributes, means[i], strict=True)) if counts[i] else None,
+                    }
+                    for i, s in enumerate(rows)
+                ],
+            }
+        )
