@@ -221,7 +221,9 @@ def detect_format(path: Path) -> str:
         return "json_list" if isinstance(data, list) else "json_nested"
     if suffix == ".txt":
         return "text"
-    raise BenchmarkError(f"{path}: cannot detect the format from {suffix!r}; pass --format (one of {FORMATS})")
+    raise BenchmarkError(
+        f"{path}: cannot detect the format from {suffix!r}; pass --format (one of {FORMATS})"
+    )
 
 
 def _read_rows(path: Path, fmt: str, xstest_label: str | None) -> list[tuple[str, str | None, str | None]]:
@@ -242,7 +244,9 @@ def _read_rows(path: Path, fmt: str, xstest_label: str | None) -> list[tuple[str
     return readers[fmt](path)
 
 
-def _to_benchmark(name: str, kind: str, path: Path, rows: list[tuple[str, str | None, str | None]]) -> Benchmark:
+def _to_benchmark(
+    name: str, kind: str, path: Path, rows: list[tuple[str, str | None, str | None]]
+) -> Benchmark:
     items = []
     seen: set[str] = set()
     for index, (text, category, native_id) in enumerate(rows):
@@ -301,4 +305,6 @@ def sample_items(benchmark: Benchmark, size: int | None, seed: int) -> Benchmark
         raise BenchmarkError(f"sample size must be positive, got {size}")
     rng = random.Random(f"{benchmark.name}:{seed}")
     chosen = sorted(rng.sample(range(len(benchmark.items)), size))
-    return Benchmark(benchmark.name, benchmark.kind, tuple(benchmark.items[i] for i in chosen), benchmark.source)
+    return Benchmark(
+        benchmark.name, benchmark.kind, tuple(benchmark.items[i] for i in chosen), benchmark.source
+    )

@@ -43,6 +43,11 @@ def _command_line() -> str:
     return "prosocial " + " ".join(shlex.quote(arg) for arg in args)
 
 
+def _setup_logging() -> None:
+    """Progress logs at INFO unless the top-level CLI configured logging already (basicConfig is then a no-op)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def _resolve_base(base: str | None) -> Path:
     if base:
         return Path(base)
@@ -52,6 +57,7 @@ def _resolve_base(base: str | None) -> Path:
 
 
 def _run_build(args: argparse.Namespace) -> int:
+    _setup_logging()
     from harmvec.build import BuildConfig, build_harm_vector
 
     config = BuildConfig(seed=args.seed, rank=args.rank, alpha=args.alpha, max_length=args.max_length)
@@ -78,6 +84,7 @@ def _run_build(args: argparse.Namespace) -> int:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
+    _setup_logging()
     from harmvec.merge import MergeError, merge_folder
 
     try:
@@ -90,6 +97,7 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
+    _setup_logging()
     from harmvec.merge import MergeError
     from harmvec.sweep import SweepConfig, run_sweep
 
@@ -188,7 +196,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry (``python -m harmvec.cli``), same commands as ``prosocial harmvec``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="prosocial")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -124,6 +124,12 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=_positive_float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--beta-r", type=_positive_float, default=DEFAULT_BETA_R, help="GenARM reward scale")
+    parser.add_argument(
+        "--nll-weight",
+        type=float,
+        default=1.0,
+        help="weight of the chosen-response NLL term (0: pure GenARM)",
+    )
     parser.add_argument("--max-prompt-tokens", type=_positive_int, default=96)
     parser.add_argument("--max-response-tokens", type=_positive_int, default=64)
     parser.add_argument(
@@ -170,6 +176,7 @@ def _run_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         warmup_steps=args.warmup_steps,
         beta_r=args.beta_r,
+        nll_weight=args.nll_weight,
         max_prompt_tokens=args.max_prompt_tokens,
         max_response_tokens=args.max_response_tokens,
         log_every=args.log_every,

@@ -31,7 +31,13 @@ from pathlib import Path
 import torch
 
 from rewardmodel.encoding import PairEncoder, collate_pairs
-from rewardmodel.loss import DEFAULT_BETA_R, arm_response_log_probs, genarm_pairwise_loss, pairwise_accuracy
+from rewardmodel.loss import (
+    DEFAULT_BETA_R,
+    arm_response_log_probs,
+    chosen_nll,
+    genarm_pairwise_loss,
+    pairwise_accuracy,
+)
 from rewardmodel.model import ArmConfig, MultiAttributeARM
 from rewardmodel.pcgrad import combine_gradients, conflict_share
 
@@ -59,6 +65,7 @@ class TrainConfig:
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
     beta_r: float = DEFAULT_BETA_R
+    nll_weight: float = 1.0  # LM regulariser on chosen responses, see rewardmodel.loss.chosen_nll
     max_prompt_tokens: int = 96
     max_response_tokens: int = 64
     log_every: int = 10
@@ -74,8 +81,8 @@ class TrainConfig:
         for name in ("steps", "pairs_per_attribute", "log_every", "checkpoint_every", "num_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.beta_r <= 0:
-            raise ValueError("lr and beta_r must be > 0")
+        if self.lr <= 0 or self.beta_r <= 0 or self.nll_weight < 0:
+            raise ValueError("lr and beta_r must be > 0 and nll_weight >= 0")
         self.data_dir, self.out_dir = Path(self.data_dir), Path(self.out_dir)
         if self.checkpoint_dir is None:
             self.checkpoint_dir = Path("build/rewardmodel_checkpoints") / self.out_dir.name
@@ -143,8 +150,13 @@ def train_step(
     generator: torch.Generator,
     max_grad_norm: float,
     bf16_trunk: bool = False,
+    nll_weight: float = 0.0,
 ) -> dict[str, dict[str, float] | float]:
-    """One optimisation step over one mini-batch per attribute; returns per-attribute loss and accuracy."""
+    """One optimisation step over one mini-batch per attribute; returns per-attribute loss and accuracy.
+
+    The objective of attribute a is its GenARM pairwise loss plus ``nll_weight`` times the per-token NLL of
+    its chosen responses (``rewardmodel.loss.chosen_nll``; 0 gives pure GenARM).
+    """
     shared = arm.shared_parameters()
     heads = arm.head_parameters()
     shared_grads: list[torch.Tensor] = []
@@ -155,12 +167,14 @@ def train_step(
         log_probs = arm_response_log_probs(arm, batch, index, bf16_trunk=bf16_trunk)
         half = len(batch) // 2
         loss = genarm_pairwise_loss(log_probs[:half], log_probs[half:], beta_r)
-        grads = torch.autograd.grad(loss, shared + heads)
+        nll = chosen_nll(log_probs[:half], batch.response_mask[:half].sum(dim=1))
+        grads = torch.autograd.grad(loss + nll_weight * nll if nll_weight else loss, shared + heads)
         shared_grads.append(torch.cat([g.reshape(-1) for g in grads[: len(shared)]]))
         for total, grad in zip(head_grads, grads[len(shared) :], strict=True):
             total += grad
         stats[attribute] = {
             "loss": float(loss.detach()),
+            "nll": float(nll.detach()),
             "accuracy": pairwise_accuracy(log_probs[:half].detach(), log_probs[half:].detach()),
         }
     conflicts = conflict_share(shared_grads)
@@ -344,11 +358,13 @@ def train(config: TrainConfig, command: str = "") -> Path:
             generator,
             config.max_grad_norm,
             bf16_trunk=config.bf16_trunk,
+            nll_weight=config.nll_weight,
         )
         scheduler.step()
         for name, values in result["attributes"].items():
             window[name]["loss"].append(values["loss"])
             window[name]["accuracy"].append(values["accuracy"])
+            window[name]["nll"].append(values["nll"])
         window_conflicts.append(result["conflict_share"])
         mean_loss = sum(v["loss"] for v in result["attributes"].values()) / len(attributes)
         progress.set_postfix(loss=f"{mean_loss:.3f}")

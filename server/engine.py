@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +44,8 @@ def engine_args(
     """AsyncEngineArgs for the CPU or GPU build; the KV cache is sized explicitly (the CPU backend needs it)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    # The CPU backend reads its KV-cache budget from this variable; GPU builds use kv_cache_memory_bytes.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{max(1, round(settings.kv_cache_gib))}")
+    # An explicit KV-cache size: the CPU backend otherwise reserves most of the machine's memory. (If the
+    # legacy VLLM_CPU_KVCACHE_SPACE variable is set, vLLM's CPU backend lets it win.)
     return AsyncEngineArgs(
         model=str(model.path),
         served_model_name=[model.name],

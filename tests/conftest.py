@@ -50,9 +50,16 @@ class LiveServer:
 
 
 def start_server(
-    tmp_dir: Path, extra_args: list[str] | None = None, api_key: str = "test-secret-key"
+    tmp_dir: Path,
+    extra_args: list[str] | None = None,
+    api_key: str = "test-secret-key",
+    extra_env: dict[str, str] | None = None,
+    wait_healthy: bool = True,
 ) -> LiveServer:
-    """Start ``prosocial serve`` and wait until /health answers 200 (raises with the log if it never does)."""
+    """Start ``prosocial serve`` and wait until it answers (raises with the log if it never does).
+
+    ``wait_healthy=False`` waits for /v1/models only, for servers expected to report themselves unhealthy.
+    """
     port = free_port()
     log_path = tmp_dir / f"server-{port}.log"
     args = [
@@ -70,7 +77,7 @@ def start_server(
         "1024",
         *(extra_args or []),
     ]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
     with open(log_path, "wb") as log:
         process = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = LiveServer(f"http://127.0.0.1:{port}", api_key, "", process, log_path, list(extra_args or []))
@@ -81,11 +88,12 @@ def start_server(
                 f"server exited with {process.returncode} during start-up:\n{server.log()[-4000:]}"
             )
         try:
-            if httpx.get(server.base_url + "/health", timeout=2).status_code == 200:
-                models = httpx.get(
-                    server.base_url + "/v1/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=5
-                ).json()
-                server.model = models["data"][0]["id"]
+            healthy = httpx.get(server.base_url + "/health", timeout=2).status_code == 200
+            models = httpx.get(
+                server.base_url + "/v1/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=5
+            )
+            if models.status_code == 200 and (healthy or not wait_healthy):
+                server.model = models.json()["data"][0]["id"]
                 return server
         except httpx.HTTPError:
             pass

@@ -239,7 +239,7 @@ def test_train_resume_artifact_round_trip_and_base_mismatch(
         json.loads(line) for line in (tmp_path / "ckpt-resumed" / "train_log.jsonl").read_text().splitlines()
     ]
     assert [record["step"] for record in log] == [1, 2, 3]
-    assert set(log[0]["attributes"]["empathy"]) == {"loss", "accuracy"}
+    assert set(log[0]["attributes"]["empathy"]) == {"loss", "accuracy", "nll"}
 
     # round trip: the loaded artifact gives the same log-probs as the model that was saved
     artifact_bytes = sum(f.stat().st_size for f in straight.iterdir())
