@@ -214,7 +214,9 @@ def create_app(settings: ServerSettings, engine: Any, builder: RequestBuilder) -
         metrics.ENGINE_HEALTHY.set(1)
         telemetry = app_state.builder.telemetry
         if telemetry is not None and telemetry.ready is False:
-            return unavailable(f"guidance is unavailable: {telemetry.error}", "guidance_unavailable").response()
+            return unavailable(
+                f"guidance is unavailable: {telemetry.error}", "guidance_unavailable"
+            ).response()
         if app_state.draining:
             return unavailable("the server is shutting down", "shutting_down").response()
         return JSONResponse({"status": "ok"})

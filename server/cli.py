@@ -18,7 +18,7 @@ from pydantic import ValidationError
 logger = logging.getLogger("prosocial")
 
 # Packages that contribute sub-commands through a ``register(subparsers)`` function in their ``cli`` module.
-SUBCOMMAND_PACKAGES = ("rewardmodel",)
+SUBCOMMAND_PACKAGES = ("rewardmodel", "harmvec", "evals")
 
 # serve flag -> ServerSettings field (every field is also a PROSOCIAL_<FIELD> environment variable).
 _SERVE_FLAGS: dict[str, dict] = {
@@ -41,7 +41,10 @@ _SERVE_FLAGS: dict[str, dict] = {
         "help": "JSON preferences for requests without any, e.g. '{\"empathy\":1}'",
     },
     "arm_artifact": {"help": "ARM artifact folder (default: the shipped arm-v1)"},
-    "candidate_top_k": {"type": int, "help": "guided rows choose among the base's top-k tokens + EOS (default 256)"},
+    "candidate_top_k": {
+        "type": int,
+        "help": "guided rows choose among the base's top-k tokens + EOS (default 256)",
+    },
     "max_body_bytes": {"type": int, "help": "largest request body accepted (default 1 MiB)"},
     "max_tokens_limit": {"type": int, "help": "largest max_tokens a request may ask for (default 4096)"},
     "max_n": {"type": int, "help": "largest n a request may ask for (default 8)"},

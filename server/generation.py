@@ -113,7 +113,9 @@ class Generation:
             if out.finished:
                 self._unfinished.discard(job.request_id)
         result.stats = await self._confirm(job, len(result.token_ids), True)
-        result.content_filtered = bool(result.stats and result.stats.filtered and result.finish_reason == "stop")
+        result.content_filtered = bool(
+            result.stats and result.stats.filtered and result.finish_reason == "stop"
+        )
         return result
 
     async def collect(self) -> list[ChoiceResult]:

@@ -7,7 +7,7 @@ names the offending parameter, so no field can slip past validation into the eng
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -88,6 +88,7 @@ class _SamplingFields(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     user: str | None = Field(None, max_length=512)
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS (benchmarks).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     prosocial_prefs: ProsocialPrefs | None = Field(
@@ -177,7 +178,9 @@ class ProsocialInfo(BaseModel):
     prefs: dict[str, float] | None = None
     safety_mask: bool
     safety_threshold: float | None = None
-    masked_tokens: int = Field(0, description="Candidate tokens removed by the safety mask over the response.")
+    masked_tokens: int = Field(
+        0, description="Candidate tokens removed by the safety mask over the response."
+    )
     content_filtered: bool = False
     mean_rewards: dict[str, float] | None = Field(
         None,

@@ -140,6 +140,7 @@ class RequestBuilder:
                 frequency_penalty=body.frequency_penalty or 0.0,
                 stop=list(body.stop or []),
                 max_tokens=max_tokens,
+                ignore_eos=body.ignore_eos,
                 logprobs=logprobs,
                 output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY,
                 extra_args=spec.to_extra_args() if spec is not None else None,

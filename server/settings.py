@@ -61,7 +61,9 @@ class ServerSettings(BaseSettings):
         description="Preferences applied to requests without prosocial_prefs (None: no preference term).",
     )
     arm_artifact: Path | None = Field(None, description="ARM artifact folder; default: the shipped arm-v1.")
-    candidate_top_k: int = Field(256, ge=2, le=4096, description="Guided rows choose among the base's top-k + EOS.")
+    candidate_top_k: int = Field(
+        256, ge=2, le=4096, description="Guided rows choose among the base's top-k + EOS."
+    )
     arm_fault_after_steps: int | None = Field(
         None, ge=0, description="Testing hook: make the ARM raise after this many guided steps."
     )

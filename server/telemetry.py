@@ -151,7 +151,9 @@ class GuidanceTelemetry:
                 raise unavailable(f"guidance is unavailable: {self.error}", "guidance_unavailable")
             stats = self.rows.get(request_id)
             if stats is not None and stats.failed:
-                raise unavailable("guidance failed for this request; it was not served unguided", "guidance_failed")
+                raise unavailable(
+                    "guidance failed for this request; it was not served unguided", "guidance_failed"
+                )
             if stats is not None and stats.steps >= tokens:
                 return stats
             if time.monotonic() > deadline:

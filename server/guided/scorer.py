@@ -211,8 +211,12 @@ class LexicographicScorer:
                 decode_slots.append(slot)
                 decode_tokens.append(request.output[-1])
             else:  # joined or resumed: (re)build the cache from the token lists
-                tokens = (request.prompt + request.output)[fed:] if fed > 0 else request.prompt + request.output
-                hidden[slot] = self.runtime.extend(slot, tokens) if fed > 0 else self.runtime.prefill(slot, tokens)
+                tokens = (
+                    (request.prompt + request.output)[fed:] if fed > 0 else request.prompt + request.output
+                )
+                hidden[slot] = (
+                    self.runtime.extend(slot, tokens) if fed > 0 else self.runtime.prefill(slot, tokens)
+                )
         if decode_slots:
             self._credit_emitted(decode_slots, decode_tokens)
             for slot, h in zip(decode_slots, self.runtime.decode(decode_slots, decode_tokens), strict=True):
