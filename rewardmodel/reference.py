@@ -87,6 +87,7 @@ def reference_generate(
     candidate_top_k: int = 256,
     eos_token_id: int = 2,
     pad_token_id: int = 2,
+    ignore_eos: bool = False,
 ) -> list[list[int]]:
     """Greedy guided generation for prompts that share one preference vector; returns the new token ids."""
     width = max(len(p) for p in prompts)
@@ -102,7 +103,7 @@ def reference_generate(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         logits_processor=[processor],
-        eos_token_id=eos_token_id,
+        eos_token_id=None if ignore_eos else eos_token_id,
         pad_token_id=pad_token_id,
     )
     results = []
@@ -110,7 +111,7 @@ def reference_generate(
         tokens = []
         for t in row:
             tokens.append(t)
-            if t == eos_token_id:
+            if t == eos_token_id and not ignore_eos:
                 break
         results.append(tokens)
     return results
