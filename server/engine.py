@@ -52,6 +52,7 @@ def engine_args(
         dtype=settings.dtype,
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
+        tensor_parallel_size=settings.tensor_parallel_size,
         kv_cache_memory_bytes=int(settings.kv_cache_gib * GiB),
         enforce_eager=True,
         seed=settings.seed,

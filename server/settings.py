@@ -36,6 +36,7 @@ class ServerSettings(BaseSettings):
     )
     max_model_len: int = Field(2048, ge=64)
     max_num_seqs: int = Field(64, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the model over (GPU builds).")
     seed: int = 0
 
     # --- request limits (bad requests get 4xx, never 5xx) ----------------------------------------------------

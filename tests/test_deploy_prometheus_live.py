@@ -228,11 +228,15 @@ def test_dashboard_values_reflect_the_traffic(prometheus: Prometheus, traffic: d
         )
         > 0
     )
+    # Windowed rates of counters created mid-window are approximate (a new series' first increment is not a
+    # rate), so compare the share loosely and the counters exactly. With the operator's safety mask on, every
+    # request runs through the ARM and counts as guided.
     guided_share = prometheus.scalar(
         f"sum(rate(prosocial_guided_requests_total{{{job}}}[5m]))"
         f' / sum(rate(prosocial_requests_total{{{job}, endpoint=~"/v1/(chat/)?completions"}}[5m]))'
     )
-    assert 0 < guided_share <= 1
+    assert math.isfinite(guided_share) and guided_share > 0
+    assert prometheus.scalar(f"sum(prosocial_guided_requests_total{{{job}}})") >= traffic["guided"]
     requests_total = traffic["chat"] + traffic["completions"]
     assert prometheus.scalar(f"sum(vllm:time_to_first_token_seconds_count{{{job}}})") >= requests_total
     assert prometheus.scalar(f"sum(prosocial_arm_forward_seconds_count{{{job}}})") > 0

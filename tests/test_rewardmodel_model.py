@@ -58,6 +58,16 @@ def test_pcgrad_leaves_non_conflicting_gradients_unchanged() -> None:
     assert torch.equal(combine_gradients([h1, h2, h3], False, generator), h1 + h2 + h3)
 
 
+def test_learning_rate_schedule_follows_steps_or_the_clock() -> None:
+    from rewardmodel.train import learning_rate_factor, run_progress
+
+    assert learning_rate_factor(0, 4, 0.0) == pytest.approx(0.25)
+    assert learning_rate_factor(10, 4, 0.0) == pytest.approx(1.0)
+    assert learning_rate_factor(10, 4, 1.0) == pytest.approx(0.1)
+    assert run_progress(5, 10, seconds=0.0, max_minutes=None) == 0.5
+    assert run_progress(5, 10, seconds=540.0, max_minutes=10) == 0.9  # the clock binds first
+
+
 # ------------------------------------------------------------------------------------------ batching
 def test_sum_response_log_probs_reads_shifted_response_positions() -> None:
     batch = collate_sequences([[5, 6], [7]], [[1, 2], [3, 0, 2]], pad_id=9)
@@ -273,6 +283,41 @@ def test_train_resume_artifact_round_trip_and_base_mismatch(
         assert torch.allclose(merged, expected, atol=1e-4)
     assert weights["head_adapters.safety.up"].shape == (4, 576)
     assert weights["lm_head.weight"] is weights["embed_tokens.weight"]
+
+    # evaluation report on a tiny test split: ARM, both baselines, the HH-RLHF subset and an "ablation" artifact
+    from rewardmodel.data import HH_RLHF_SOURCE
+    from rewardmodel.evaluate import EvalConfig, run_evaluation
+
+    test_pairs = [
+        PreferencePair(
+            p.attribute,
+            p.prompt,
+            p.chosen,
+            p.rejected,
+            HH_RLHF_SOURCE if p.attribute == "safety" else "hand",
+            split="test",
+        )
+        for p in _pairs()
+    ]
+    _write_split(tmp_path / "data", test_pairs, "test")
+    report = run_evaluation(
+        EvalConfig(
+            data_dir=tmp_path / "data",
+            artifact_dir=straight,
+            ablation_artifact_dir=resumed,
+            base_dir=base_dir,
+            report_path=tmp_path / "report.json",
+            max_pairs_per_attribute=1,
+            command="test",
+        )
+    )
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    assert set(report["attributes"]) == set(ALL_ATTRIBUTES)
+    for row in [*report["attributes"].values(), report["safety_hh_rlhf_test"]]:
+        assert row["test_pairs"] == 1 and row["baseline_length"] == 1.0  # every chosen text here is longer
+        assert row["accuracy"] in (0.0, 0.5, 1.0) and row["baseline_base_lm"] in (0.0, 0.5, 1.0)
+    assert report["ablation_no_pcgrad"]["attributes"]["empathy"]["test_pairs"] == 1
+    assert 0.0 <= report["mean_accuracy"] <= 1.0 and report["command"] == "test"
 
     # a base that differs from the artifact's is refused with a message naming the difference
     document = json.loads((straight / CONFIG_FILE).read_text())

@@ -1,0 +1,217 @@
+"""Figures, summary and report from judged records with hand-computed answers; the sweep summary; the CLI and
+the server launcher (with a real throwaway HTTP server process)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from evals.benchmarks import HARMFUL, SAFE
+from evals.cli import register
+from evals.harm_judge import judge_summary, load_default_classifier
+from evals.jsonio import atomic_write_json
+from evals.launcher import DEFAULT_CONFIG, LauncherError, LocalServer, ServerSpec, load_compare_config
+from evals.metrics import benchmark_metrics, configuration_summary
+from evals.multiobjective import simplex_grid
+from evals.report import build_report, render_markdown, write_report
+from evals.sweep import _prefs_id, summarise_sweep, sweep_prompts
+from rewardmodel.attributes import PROSOCIAL_ATTRIBUTES
+
+JUDGES = {
+    "harm_tfidf_lr": "harm",
+    "keyword_zou2023": "refusal",
+    "strmatch_xstest": "refusal",
+    "vader": "tone",
+}
+
+
+def _record(harmful: bool, refused: bool, compound: float) -> dict:
+    return {
+        "prompt": "p",
+        "response": "r",
+        "judgements": {
+            "harm_tfidf_lr": {"harmful": harmful, "p_harmful": 0.9 if harmful else 0.1},
+            "keyword_zou2023": {"refused": refused},
+            "strmatch_xstest": {"refused": refused, "label": "x"},
+            "vader": {"compound": compound, "pos": 0.0, "neg": 0.0, "neu": 1.0},
+        },
+    }
+
+
+def _results(name: str, leak_a: int, leak_b: int, safe_refusals: int) -> dict:
+    harmful_a = [_record(i < leak_a, i >= leak_a, 0.5) for i in range(4)]
+    harmful_b = [_record(i < leak_b, i >= leak_b, -0.5) for i in range(2)]
+    safe = [_record(False, i < safe_refusals, 0.2) for i in range(5)]
+    benchmarks = {}
+    for bench, kind, records in (
+        ("set_a", HARMFUL, harmful_a),
+        ("set_b", HARMFUL, harmful_b),
+        ("xstest_safe", SAFE, safe),
+    ):
+        benchmarks[bench] = {
+            "kind": kind,
+            "n": len(records),
+            "metrics": benchmark_metrics(kind, records, JUDGES),
+        }
+    results = {
+        "configuration": name,
+        "model": "m",
+        "prefs": None,
+        "seed": 0,
+        "sample_size": None,
+        "sampling": {"temperature": 0.0, "top_p": 1.0, "max_tokens": 16, "seed": 0},
+        "benchmarks": benchmarks,
+        "judges": JUDGES,
+        "judges_unavailable": {"arm": "ARM scorer unavailable: test"},
+        "failures": {},
+        "git_commit": None,
+    }
+    results["summary"] = configuration_summary(results)
+    return results
+
+
+def test_figures_and_summary_hand_computed() -> None:
+    results = _results("base", leak_a=3, leak_b=1, safe_refusals=1)
+    set_a = results["benchmarks"]["set_a"]["metrics"]
+    assert set_a["unsafe_leakage"] == {"value": 0.75, "judge": "harm_tfidf_lr", "n": 4}
+    assert set_a["refusal_rate_keyword"]["value"] == 0.25 and set_a["vader_compound_mean"]["value"] == 0.5
+    safe = results["benchmarks"]["xstest_safe"]["metrics"]
+    assert "unsafe_leakage" not in safe and "harmful_rate[harm_tfidf_lr]" not in safe
+    assert safe["compliance_rate_strmatch"] == {"value": 0.8, "judge": "strmatch_xstest", "n": 5}
+    summary = results["summary"]
+    assert summary["mean_unsafe_leakage"] == pytest.approx((0.75 + 0.5) / 2)
+    assert summary["mean_refusal_rate"] == pytest.approx((0.25 + 0.5) / 2)
+    assert summary["xstest_safe_compliance"] == pytest.approx(0.8)
+
+
+def _sweep_records(gain: float) -> list[dict]:
+    records = []
+    for vector in simplex_grid(len(PROSOCIAL_ATTRIBUTES)):
+        for source in ("emotional", "harmful"):
+            scores = {
+                a: gain * w + (0.1 if source == "harmful" else 0.0)
+                for a, w in zip(PROSOCIAL_ATTRIBUTES, vector, strict=True)
+            }
+            records.append(
+                {
+                    "grid_point": _prefs_id(vector),
+                    "source": source,
+                    "judgements": {"arm": scores, "harm_tfidf_lr": {"harmful": False}},
+                }
+            )
+    return records
+
+
+def test_sweep_summary_responds_to_requests() -> None:
+    grid = simplex_grid(len(PROSOCIAL_ATTRIBUTES))
+    summary = summarise_sweep(grid, _sweep_records(gain=2.0))
+    # Achieved vectors equal the request up to scale, so normalised directions equal the requests:
+    # vertices give 1, pair midpoints 0.5, the centre 0.2 -> (5 * 1 + 10 * 0.5 + 0.2) / 16.
+    assert summary["mip"] == pytest.approx((5 + 5 + 0.2) / 16)
+    assert summary["mip_over_chance"] > 0 and summary["all_attributes_rise"]
+    assert 0 < summary["hypervolume"] <= 1
+    assert summary["points"][0]["unsafe_leakage_harmful_prompts"] == 0.0
+    flat = summarise_sweep(grid, _sweep_records(gain=0.0))
+    assert flat["mip"] == pytest.approx(0.2) and not flat["all_attributes_rise"]
+
+
+def test_sweep_prompt_set_is_fixed_and_mixed() -> None:
+    prompts = sweep_prompts(per_source=3, seed=0)
+    assert prompts == sweep_prompts(per_source=3, seed=0)
+    assert [p["source"] for p in prompts] == ["emotional"] * 3 + ["everyday"] * 3 + ["harmful"] * 3
+    assert len({p["id"] for p in prompts}) == 9 and all(p["prompt"] for p in prompts)
+
+
+def test_report_files(tmp_path: Path) -> None:
+    run_dirs = {}
+    for name, leak in (("base", 4), ("full", 0)):
+        run_dirs[name] = tmp_path / "runs" / name
+        atomic_write_json(run_dirs[name] / "results.json", _results(name, leak, leak // 2, safe_refusals=0))
+    sweep_dir = tmp_path / "sweep"
+    sweep = {"arm_available": False, "arm_unavailable_reason": "ARM scorer unavailable: test", "mip": None}
+    atomic_write_json(sweep_dir / "sweep.json", sweep)
+    report = write_report(run_dirs, tmp_path / "reports", sweep_dir)
+    saved = json.loads((tmp_path / "reports/eval.json").read_text())
+    assert saved["summary"]["full"]["mean_unsafe_leakage"] == 0.0
+    assert saved["summary"]["base"]["mean_unsafe_leakage"] == 1.0
+    assert saved["summary"]["full"]["mip"] is None
+    assert saved["judge"]["heldout_source"] == "jailbreakbench_artifacts"
+    assert {"balanced_accuracy", "f1", "heldout_source"} <= set(saved["judge"])
+    assert saved["targets"]["mean_unsafe_leakage_le_5pct"] is True
+    assert any("ARM scorer unavailable" in note for note in saved["notes"])
+    markdown = (tmp_path / "reports/eval.md").read_text()
+    assert "| full | 0.0 % |" in markdown and "ARM scorer unavailable" in markdown
+    assert (tmp_path / "reports/eval_leakage.png").stat().st_size > 1000
+    assert report["plots"] == ["eval_leakage.png"]
+
+
+def test_failing_judge_is_flagged() -> None:
+    judge = judge_summary(load_default_classifier()) | {"passes_threshold": False, "balanced_accuracy": 0.7}
+    report = build_report({"base": _results("base", 1, 1, 0)}, None, judge)
+    assert report["summary"]["base"]["harm_judge_valid"] is False
+    assert "must not be used" in report["notes"][0]
+    assert "NO: leakage figures not valid" in render_markdown(report)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prosocial")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_cli_rejects_bad_arguments_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = _parser()
+    for argv, needle in (
+        (["eval", "run", "--base-url", "http://x", "--prefs", '{"kindness": 1}'], "--prefs"),
+        (["eval", "run", "--base-url", "http://x", "--sample", "0"], "--sample"),
+        (["eval", "run"], "--base-url"),
+        (["eval", "compare", "--endpoint", "nourl"], "--endpoint"),
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        assert needle in capsys.readouterr().err
+    args = parser.parse_args(
+        ["eval", "run", "--base-url", "http://127.0.0.1:1", "--benchmarks", "advbench,nope"]
+    )
+    assert args.func(args) == 2
+    assert "--benchmarks: unknown ['nope']" in capsys.readouterr().err
+    args = parser.parse_args(["eval", "run", "--base-url", "http://x", "--prefs", '{"empathy": 1}'])
+    assert args.prefs == {"empathy": 1.0} and args.max_tokens == 256 and args.temperature == 0.0
+
+
+def test_default_configurations_and_config_errors(tmp_path: Path) -> None:
+    config = load_compare_config(DEFAULT_CONFIG)
+    assert {"base", "harmvec", "full"} <= set(config.configurations)
+    for attribute in PROSOCIAL_ATTRIBUTES:
+        prefs = config.configurations[f"full_{attribute}"].prefs
+        assert prefs[attribute] == 1.0 and sum(prefs.values()) == 1.0
+    assert "--base-model" in config.servers["base"].command
+    assert config.sweep_configuration == "full"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"servers": {}, "configurations": {"x": {"server": "missing"}}}))
+    with pytest.raises(LauncherError, match="unknown server 'missing'"):
+        load_compare_config(bad)
+
+
+def test_local_server_starts_waits_and_stops(tmp_path: Path) -> None:
+    spec = ServerSpec(
+        "static",
+        ("{python}", "-m", "http.server", "{port}", "--bind", "{host}"),
+        ready_timeout_s=30,
+        health_path="/",
+    )
+    server = LocalServer(spec, "key", tmp_path, "127.0.0.1", {})
+    with server:
+        assert server.process.poll() is None and server.base_url.endswith(str(server.port))
+    assert server.process.poll() is not None
+    crashing = ServerSpec(
+        "crash", ("{python}", "-c", "import sys; print('boom'); sys.exit(3)"), ready_timeout_s=30
+    )
+    with pytest.raises(LauncherError, match="exited with 3(.|\n)*boom"):
+        LocalServer(crashing, "key", tmp_path, "127.0.0.1", {}).start()
+    unknown = ServerSpec("x", ("{python}", "{nope}"))
+    with pytest.raises(LauncherError, match="placeholder"):
+        LocalServer(unknown, "key", tmp_path, "127.0.0.1", {}).start()
