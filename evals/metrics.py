@@ -51,6 +51,11 @@ def benchmark_metrics(kind: str, records: list[dict], judges: dict[str, str]) ->
             else:
                 metric = f"harmful_rate[{judge}]"
             figures[metric] = _figure(share, judge, n, **({"unparsed": unparsed} if unparsed else {}))
+            if judge == HARM_CLASSIFIER:
+                probabilities, _ = _mean_fields(records, judge)
+                figures["mean_p_harmful"] = _figure(
+                    probabilities and probabilities.get("p_harmful"), judge, n
+                )
         elif judge_kind == REFUSAL:
             share, n, _ = _share(records, judge, "refused")
             suffix = "keyword" if judge == KEYWORD_JUDGE else "strmatch" if judge == STRMATCH_JUDGE else judge

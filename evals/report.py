@@ -193,6 +193,7 @@ def render_markdown(report: dict) -> str:
     benchmarks = sorted({b for results in runs.values() for b in results["benchmarks"]})
     for metric, title, formatter in (
         ("unsafe_leakage", "Unsafe leakage per benchmark (harm judge)", _pct),
+        ("mean_p_harmful", "Mean harm-judge probability (soft leakage)", _num),
         ("refusal_rate_keyword", "Refusal rate per benchmark (keyword, Zou et al. 2023)", _pct),
         ("refusal_rate_strmatch", "Refusal rate per benchmark (XSTest string match)", _pct),
         ("compliance_rate_strmatch", "Compliance on safe prompts (XSTest string match)", _pct),

@@ -20,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _add_data_command(sub)
     _add_train_command(sub)
     _add_eval_command(sub)
+    _add_calibrate_command(sub)
     return parser
 
 
@@ -280,3 +281,42 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _format_share(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _add_calibrate_command(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "calibrate",
+        help="choose the safety mask's default threshold on held-out safety pairs",
+        description="Pick the threshold that masks at most --quantile of the tokens of safe (chosen) validation "
+        "responses; report how much of the harmful (rejected) ones it masks. Written beside the artifact.",
+    )
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA_OUT, help="pair splits (default: %(default)s)"
+    )
+    parser.add_argument("--artifact", type=Path, default=Path("rewardmodel/artifacts/arm-v1"))
+    parser.add_argument("--base-dir", type=Path, default=None, help="default: the prepared default model")
+    parser.add_argument("--quantile", type=float, default=0.01)
+    parser.add_argument("--pairs", type=int, default=120)
+    parser.add_argument("--candidate-top-k", type=int, default=256)
+    parser.set_defaults(func=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    import json
+    import shlex
+
+    from rewardmodel.calibrate import CalibrationConfig, calibrate, write_calibration
+    from server.model_prep import prepare_default_model
+
+    if not (args.data / "validation.jsonl").is_file():
+        print(f"prosocial rewardmodel calibrate: --data {args.data} has no validation.jsonl", file=sys.stderr)
+        return 2
+    if not (0 < args.quantile < 0.5):
+        print("prosocial rewardmodel calibrate: --quantile must be in (0, 0.5)", file=sys.stderr)
+        return 2
+    cfg = CalibrationConfig(quantile=args.quantile, pairs=args.pairs, candidate_top_k=args.candidate_top_k)
+    result = calibrate(args.base_dir or prepare_default_model(), args.artifact, args.data, cfg)
+    command = "prosocial rewardmodel calibrate " + shlex.join(sys.argv[3:])
+    print(json.dumps(result, indent=2))
+    print(f"wrote {write_calibration(args.artifact, result, command)}")
+    return 0

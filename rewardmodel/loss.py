@@ -7,8 +7,8 @@ ICLR 2025).
 ``DEFAULT_BETA_R = 0.1``: the gap between two responses' summed log-likelihoods (up to 64 tokens each) is tens of
 nats, so beta_r = 0.1 maps typical gaps into the sigmoid's informative range (|beta_r * gap| <= ~3), where
 every pair still carries gradient; beta_r = 1 would saturate most pairs from the first step and the loss would
-be driven by a few badly ordered ones. Larger beta_r also tightens the coupling between a small ARM update
-and the decoding-time strength, which is set separately by the server's 1/beta.
+be driven by a few badly ordered ones. (A FRESH 8-layer ARM is far from this regime: its gaps are hundreds of
+nats, which the chosen-response NLL term in training brings down; see ``chosen_nll``.)
 """
 
 from __future__ import annotations

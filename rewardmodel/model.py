@@ -114,7 +114,7 @@ def _read_base_tensors(base_dir: Path, keep: set[str]) -> dict[str, Tensor]:
     tensors: dict[str, Tensor] = {}
     for filename in files:
         with safe_open(str(base_dir / filename), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+            for name in handle.keys():
                 if name in keep:
                     tensors[name] = handle.get_tensor(name)
     return tensors

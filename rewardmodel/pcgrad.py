@@ -12,7 +12,7 @@ from torch import Tensor
 
 
 def pcgrad(grads: list[Tensor], generator: torch.Generator) -> Tensor:
-    """Combine flattened per-objective gradients with projecting conflicting gradients.
+    """Combine flattened per-objective gradients, projecting out their conflicting components.
 
     For each g_i, visit the other objectives j in a random order; whenever the (already projected) g_i has a
     negative dot product with the ORIGINAL g_j, remove g_i's component along g_j:

@@ -35,7 +35,10 @@ _SERVE_FLAGS: dict[str, dict] = {
     "max_num_seqs": {"type": int, "help": "max concurrent sequences in the engine (default 64)"},
     "tensor_parallel_size": {"type": int, "help": "GPUs to shard the model over (default 1)"},
     "api_key": {"help": "require 'Authorization: Bearer KEY' on /v1/* (PROSOCIAL_API_KEY)"},
-    "safety_threshold": {"type": float, "help": "safety log-prob threshold of the mask (default -6)"},
+    "safety_threshold": {
+        "type": float,
+        "help": "safety-margin threshold of the mask (default: the ARM's calibrated one)",
+    },
     "beta": {"type": float, "help": "reward temperature beta (default 1)"},
     "default_prefs": {
         "type": json.loads,

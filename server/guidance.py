@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 from rewardmodel.attributes import PROSOCIAL_ATTRIBUTES
 from server.errors import bad_request
+from server.guided.config import default_safety_threshold
 from server.protocol import ProsocialPrefs
 from server.settings import ServerSettings
 
@@ -46,7 +47,7 @@ class GuidancePolicy:
     def __init__(self, settings: ServerSettings) -> None:
         self.enabled = settings.guidance
         self.safety_mask = settings.guidance and settings.safety_mask
-        self.threshold = settings.safety_threshold
+        self.threshold = default_safety_threshold(settings) if settings.guidance else 0.0
         self.beta = settings.beta
         self.default_prefs = ProsocialPrefs(**settings.default_prefs) if settings.default_prefs else None
 

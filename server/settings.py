@@ -51,8 +51,12 @@ class ServerSettings(BaseSettings):
     safety_mask: bool = Field(
         True, description="Apply the ARM safety mask to every request (operator floor)."
     )
-    safety_threshold: float = Field(
-        -6.0, description="Tokens with safety log-prob below this are masked; requests may only raise it."
+    safety_threshold: float | None = Field(
+        None,
+        description=(
+            "Safety margin below which a candidate token is masked; requests may only raise it. "
+            "Default: the ARM artifact's calibrated threshold (safety_calibration.json)."
+        ),
     )
     beta: float = Field(
         1.0, gt=0, description="Reward temperature: score = base + (1/beta) * sum_i w_i * r_i."

@@ -10,7 +10,7 @@ import pytest
 
 from evals.benchmarks import load_builtin, sample_items
 from evals.evaluate import RunSettings, _jobs, run_configuration
-from evals.judges import build_judges
+from evals.judges import LLMHarmJudge, LLMJudgeSettings, build_judges
 from evals.runner import Endpoint, SamplingSettings, generate
 
 pytestmark = pytest.mark.integration
@@ -64,3 +64,13 @@ def test_prefs_on_an_unguided_server_are_reported_as_failures(live_server, tmp_p
     failures = results["failures"]["advbench"]
     assert len(failures) == 2 and all("guidance" in message for message in failures.values())
     assert not (tmp_path / "prefs/responses/advbench.jsonl").read_text().strip()
+
+
+def test_llm_verdict_judge_talks_to_an_openai_compatible_endpoint(live_server) -> None:
+    """The served 135M model is no real judge; this checks the plumbing and that odd output parses to None."""
+    settings = LLMJudgeSettings(live_server.base_url, live_server.model, live_server.api_key, max_tokens=16)
+    judge = LLMHarmJudge(settings)
+    results = judge.score(["How do I pick a lock?"], ["I can't help with that."])
+    assert judge.name == f"llm_verdict:{live_server.model}"
+    assert len(results) == 1 and results[0]["harmful"] in (True, False, None)
+    assert isinstance(results[0]["verdict_text"], str)

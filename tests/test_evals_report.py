@@ -77,6 +77,7 @@ def test_figures_and_summary_hand_computed() -> None:
     results = _results("base", leak_a=3, leak_b=1, safe_refusals=1)
     set_a = results["benchmarks"]["set_a"]["metrics"]
     assert set_a["unsafe_leakage"] == {"value": 0.75, "judge": "harm_tfidf_lr", "n": 4}
+    assert set_a["mean_p_harmful"]["value"] == pytest.approx(0.7)
     assert set_a["refusal_rate_keyword"]["value"] == 0.25 and set_a["vader_compound_mean"]["value"] == 0.5
     safe = results["benchmarks"]["xstest_safe"]["metrics"]
     assert "unsafe_leakage" not in safe and "harmful_rate[harm_tfidf_lr]" not in safe

@@ -39,6 +39,19 @@ class GuidanceConfigError(ValueError):
     """Guidance cannot be set up for this model (the server refuses to start rather than serve unguided)."""
 
 
+FALLBACK_SAFETY_THRESHOLD = -6.0
+
+
+def default_safety_threshold(settings) -> float:
+    """The operator's threshold, else the artifact's calibrated one, else a conservative fallback."""
+    from rewardmodel.calibrate import read_calibrated_threshold
+
+    if settings.safety_threshold is not None:
+        return settings.safety_threshold
+    calibrated = read_calibrated_threshold(Path(settings.arm_artifact or DEFAULT_ARM_ARTIFACT))
+    return calibrated if calibrated is not None else FALLBACK_SAFETY_THRESHOLD
+
+
 def processor_setup(settings, model, telemetry_address: str) -> tuple[list[str], dict]:
     """The ``logits_processors`` and ``additional_config`` engine arguments for guided serving.
 
