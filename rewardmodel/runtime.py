@@ -52,7 +52,9 @@ class ArmShape:
 class ArmKVCache:
     """Keys and values of every slot: ``[layers, slots, kv_heads, max_len, head_dim]`` plus a length per slot."""
 
-    def __init__(self, shape: ArmShape, slots: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, shape: ArmShape, slots: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         size = (shape.num_layers, slots, shape.kv_heads, max_len, shape.head_dim)
         self.k = torch.zeros(size, dtype=dtype, device=device)
         self.v = torch.zeros(size, dtype=dtype, device=device)
@@ -140,7 +142,9 @@ class ArmRuntime:
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    def _block(self, i: int, x: Tensor, positions: Tensor, slots: Tensor, attend_len: int, mask: Tensor) -> Tensor:
+    def _block(
+        self, i: int, x: Tensor, positions: Tensor, slots: Tensor, attend_len: int, mask: Tensor
+    ) -> Tensor:
         """One decoder layer on ``x`` [B, T, H] whose tokens sit at ``positions`` [B, T] of ``slots`` [B]."""
         s, w, p = self.shape, self.w, f"layers.{i}."
         B, T, _ = x.shape
