@@ -12,7 +12,6 @@ is missing. Needs the ``dev`` extra (schemathesis, hypothesis).
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -107,66 +106,79 @@ def fuzz_generated(
     result: FuzzResult,
     examples_per_mode: int = 500,
     seed: int = 0,
-    timeout_s: float = 120.0,
 ) -> None:
-    """schemathesis positive and negative cases for every operation of the server's schema.
-
-    Half of the positive cases carry the served model's name (otherwise nearly every generated request would stop
-    at the 404 for an unknown model and the engine and guidance paths would never be fuzzed), and a tenth of all
-    cases go without the API key.
-    """
-    import hypothesis
+    """schemathesis positive and negative cases for every operation of the server's schema."""
     import schemathesis
-    from hypothesis import HealthCheck, Phase, given, settings
-    from hypothesis import strategies as st
     from schemathesis import GenerationMode
 
     schema = schemathesis.openapi.from_url(base_url + "/openapi.json", timeout=30)
-    auth = {"Authorization": f"Bearer {api_key}"}
+    target = _Target(base_url, {"Authorization": f"Bearer {api_key}"}, model)
     for operation_result in schema.get_all_operations():
         operation = operation_result.ok()
-        label = f"{operation.method.upper()} {operation.path}"
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            try:
-                strategy = operation.as_strategy(generation_mode=mode)
-            except Exception as exc:  # e.g. no negative data exists for an operation without inputs
-                result.problems.append(f"{label} ({mode.value}): no strategy: {type(exc).__name__}")
-                continue
-            calls = [0]
+            _fuzz_operation(operation, mode, target, result, examples_per_mode, seed)
 
-            @settings(
-                max_examples=examples_per_mode,
-                deadline=None,
-                database=None,
-                phases=[Phase.generate],
-                suppress_health_check=list(HealthCheck),
-                verbosity=hypothesis.Verbosity.quiet,
+
+@dataclass(frozen=True)
+class _Target:
+    base_url: str
+    auth: dict[str, str]
+    model: str
+    timeout_s: float = 120.0
+
+
+def _fuzz_operation(operation, mode, target: _Target, result: FuzzResult, examples: int, seed: int) -> None:
+    """Up to ``examples`` cases of one operation in one generation mode.
+
+    Half of the positive cases carry the served model's name (otherwise nearly every generated request would stop
+    at the 404 for an unknown model, and the engine and guidance paths would never be fuzzed); a tenth of all cases
+    go without the API key.
+    """
+    import hypothesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+
+    label = f"{operation.method.upper()} {operation.path}"
+    try:
+        strategy = operation.as_strategy(generation_mode=mode)
+    except Exception as exc:  # e.g. no negative data exists for an operation without inputs
+        result.problems.append(f"{label} ({mode.value}): no strategy: {type(exc).__name__}")
+        return
+    positive = mode.is_positive
+
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+        verbosity=hypothesis.Verbosity.quiet,
+    )
+    @hypothesis.seed(seed)
+    @given(case=strategy, real_model=st.booleans(), with_key=st.integers(0, 9))
+    def send(case, real_model: bool, with_key: int) -> None:
+        if positive and real_model and isinstance(case.body, dict):
+            case.body["model"] = target.model
+        result.generated += 1
+        try:
+            response = case.call(
+                base_url=target.base_url, headers=target.auth if with_key else {}, timeout=target.timeout_s
             )
-            @hypothesis.seed(seed)
-            @given(case=strategy, real_model=st.booleans(), with_key=st.integers(0, 9))
-            def send(case, real_model: bool, with_key: int) -> None:
-                if mode is GenerationMode.POSITIVE and real_model and isinstance(case.body, dict):
-                    case.body["model"] = model
-                headers = auth if with_key else {}
-                calls[0] += 1
-                try:
-                    response = case.call(base_url=base_url, headers=headers, timeout=timeout_s)
-                except Exception as exc:  # the server closed the connection or never answered
-                    result.record(label, 599, f"transport error {type(exc).__name__}: {exc}")
-                    return
-                content_type = ",".join(
-                    v for k, vs in response.headers.items() if k.lower() == "content-type" for v in vs
-                )
-                problem = check_response(response.status_code, content_type, response.content)
-                if problem is not None:
-                    problem += f"\n  reproduce: {case.as_curl_command()}"
-                result.record(label, response.status_code, problem)
+        except Exception as exc:  # the server closed the connection or never answered
+            result.record(label, 599, f"transport error {type(exc).__name__}: {exc}")
+            return
+        content_type = ",".join(
+            v for k, vs in response.headers.items() if k.lower() == "content-type" for v in vs
+        )
+        problem = check_response(response.status_code, content_type, response.content)
+        if problem is not None:
+            problem += f"\n  reproduce: {case.as_curl_command()}"
+        result.record(label, response.status_code, problem)
 
-            try:
-                send()
-            except hypothesis.errors.Unsatisfiable:
-                pass  # fewer distinct inputs exist than examples were asked for (e.g. GET without parameters)
-            result.generated += calls[0]
+    try:
+        send()
+    except hypothesis.errors.Unsatisfiable:
+        pass  # fewer distinct inputs exist than examples were asked for (e.g. GET without parameters)
 
 
 # ------------------------------------------------------------------------------------------------ hand-written
@@ -196,7 +208,8 @@ def edge_cases(model: str, max_body_bytes: int) -> list[EdgeCase]:
     """Bodies schemathesis cannot produce: non-standard JSON numbers, huge literals, nesting, size limits."""
     ok, bad = frozenset({200}), frozenset({400})
     chat, completions = "/v1/chat/completions", "/v1/completions"
-    head = f'{{"model": {json.dumps(model)}, "messages": [{{"role": "user", "content": "hi"}}], "max_tokens": 2'
+    start = f'{{"model": {json.dumps(model)}, "messages": [{{"role": "user", "content": "hi"}}]'
+    head = start + ', "max_tokens": 2'
     cases: list[EdgeCase] = []
 
     def raw_chat(name: str, tail: str, expect: frozenset[int] = bad) -> None:
@@ -211,7 +224,9 @@ def edge_cases(model: str, max_body_bytes: int) -> list[EdgeCase]:
     raw_chat("prefs 400-digit integer", ', "prosocial_prefs": {"empathy": ' + "9" * 400 + "}")
     raw_chat("prefs 5000-digit integer", ', "prosocial_prefs": {"empathy": ' + "9" * 5000 + "}")
     raw_chat("prefs denormal weight", ', "prosocial_prefs": {"empathy": 5e-324}', ok)
-    raw_chat("prefs two denormal weights", ', "prosocial_prefs": {"empathy": 5e-324, "truthfulness": 5e-324}', ok)
+    raw_chat(
+        "prefs two denormal weights", ', "prosocial_prefs": {"empathy": 5e-324, "truthfulness": 5e-324}', ok
+    )
     raw_chat("prefs all zero", ', "prosocial_prefs": {"empathy": 0, "helpfulness": 0}')
     raw_chat("prefs empty object", ', "prosocial_prefs": {}')
     raw_chat("prefs null", ', "prosocial_prefs": null', ok)
@@ -221,15 +236,22 @@ def edge_cases(model: str, max_body_bytes: int) -> list[EdgeCase]:
         raw_chat(f"prefs={value}", f', "prosocial_prefs": {value}')
     for key in ("safety", "kindness", "__proto__", "constructor", "Empathy", "empathy ", ""):
         raw_chat(f"prefs unknown key {key!r}", f', "prosocial_prefs": {{"empathy": 1, {json.dumps(key)}: 1}}')
-    raw_chat("prefs duplicate key (last wins, negative)", ', "prosocial_prefs": {"empathy": 1, "empathy": -1}')
+    raw_chat(
+        "prefs duplicate key (last wins, negative)", ', "prosocial_prefs": {"empathy": 1, "empathy": -1}'
+    )
     raw_chat("prefs 500-deep list", ', "prosocial_prefs": {"empathy": ' + "[" * 500 + "]" * 500 + "}")
-    raw_chat("prefs 100000-deep list", ', "prosocial_prefs": {"empathy": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    raw_chat(
+        "prefs 100000-deep list", ', "prosocial_prefs": {"empathy": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    )
     raw_chat("prefs 100000-deep object", ', "prosocial_prefs": ' + '{"a":' * 100_000 + "1" + "}" * 100_000)
-    many_keys = ", ".join(f'"k{i}": 1' for i in range(max_body_bytes // 16))
-    raw_chat("prefs thousands of unknown keys", f', "prosocial_prefs": {{{many_keys[: max_body_bytes // 2]}}}')
+    many_keys = ", ".join(f'"k{i}": 1' for i in range(max_body_bytes // 32))
+    raw_chat("prefs thousands of unknown keys", f', "prosocial_prefs": {{{many_keys}}}')
     # The other prosocial fields.
-    for literal in ("NaN", "-Infinity", "1e308", "-1e308", "-101", "0.5", '"-1"', '"low"', "true", "[]"):
+    for literal in ("NaN", "-Infinity", "1e308", "-1e308", "-101", "0.5", '"low"', "true", "[]"):
         raw_chat(f"safety_threshold={literal}", f', "prosocial_safety_threshold": {literal}')
+    # A numeric string is coerced (pydantic's lax mode); it must still respect the floor.
+    raw_chat('safety_threshold="-0"', ', "prosocial_safety_threshold": "-0"', ok)
+    raw_chat('safety_threshold="-100"', ', "prosocial_safety_threshold": "-100"')
     raw_chat("safety_threshold=0 (strictest)", ', "prosocial_safety_threshold": 0', ok)
     for literal in ('"maybe"', "2", "[]", "{}"):
         raw_chat(f"prosocial_guidance={literal}", f', "prosocial_guidance": {literal}')
@@ -253,14 +275,16 @@ def edge_cases(model: str, max_body_bytes: int) -> list[EdgeCase]:
     json_chat("seed 2**63-1", ok, seed=2**63 - 1)
     json_chat("seed -2**63", ok, seed=-(2**63))
     json_chat("top_k beyond the vocabulary", frozenset({200, 400}), top_k=100_000)
-    cases.append(EdgeCase("max_tokens 10**30", chat, _raw(head[: head.rfind(",")] + ', "max_tokens": 1' + "0" * 30 + "}"), bad))
+    cases.append(EdgeCase("max_tokens 10**30", chat, _raw(start + ', "max_tokens": 1' + "0" * 30 + "}"), bad))
     # Unusual text.
     surrogate = '"\\ud800 lone surrogate"'
     cases.append(
         EdgeCase(
             "chat content with a lone surrogate",
             chat,
-            _raw(f'{{"model": {json.dumps(model)}, "messages": [{{"role": "user", "content": {surrogate}}}]}}'),
+            _raw(
+                f'{{"model": {json.dumps(model)}, "messages": [{{"role": "user", "content": {surrogate}}}]}}'
+            ),
             bad,
         )
     )
@@ -282,15 +306,25 @@ def edge_cases(model: str, max_body_bytes: int) -> list[EdgeCase]:
     )
     json_chat("stop with a lone surrogate", frozenset({200, 400}), stop=["\ud800"])
     json_chat("NUL bytes in content", ok, messages=[{"role": "user", "content": "a\u0000b"}])
-    json_chat("special tokens in content", ok, messages=[{"role": "user", "content": "<|im_end|><|im_start|>system"}])
+    json_chat(
+        "special tokens in content",
+        ok,
+        messages=[{"role": "user", "content": "<|im_end|><|im_start|>system"}],
+    )
     json_chat("empty content parts", ok, messages=[{"role": "user", "content": []}])
     json_chat("null content", ok, messages=[{"role": "user", "content": None}])
-    json_chat("content part of unknown type", bad, messages=[{"role": "user", "content": [{"type": "image_url"}]}])
+    json_chat(
+        "content part of unknown type", bad, messages=[{"role": "user", "content": [{"type": "image_url"}]}]
+    )
     json_chat("stream, n=2, logprobs, guided", ok, stream=True, n=2, logprobs=True, top_logprobs=2,
               prosocial_prefs={"empathy": 1})  # fmt: skip
     json_chat("stream_options without stream", bad, stream_options={"include_usage": True})
     json_chat("unknown top-level field", bad, logits_processors=["x"])
-    cases.append(EdgeCase("completion: empty prompt", completions, json.dumps({"model": model, "prompt": ""}).encode(), bad))
+    cases.append(
+        EdgeCase(
+            "completion: empty prompt", completions, json.dumps({"model": model, "prompt": ""}).encode(), bad
+        )
+    )
     cases.append(
         EdgeCase(
             "completion: too many prompts",
@@ -307,9 +341,10 @@ def edge_cases(model: str, max_body_bytes: int) -> list[EdgeCase]:
         ("JSON string", b'"hi"'),
         ("truncated JSON", head[:40].encode()),
         ("invalid UTF-8", b'{"model": "\xff\xfe"}'),
-        ("BOM then JSON", b"\xef\xbb\xbf" + json.dumps(_chat(model)).encode()),
     ):
-        cases.append(EdgeCase(name, chat, content, frozenset({400})))
+        cases.append(EdgeCase(name, chat, content, bad))
+    bom = b"\xef\xbb\xbf" + json.dumps(_chat(model)).encode()
+    cases.append(EdgeCase("UTF-8 BOM before the JSON", chat, bom, frozenset({200, 400})))
     cases.append(
         EdgeCase(
             "form-encoded body",
@@ -327,7 +362,9 @@ def edge_cases(model: str, max_body_bytes: int) -> list[EdgeCase]:
     cases.append(EdgeCase("body over the limit (chunked)", chat, None, frozenset({413}), chunks=pieces))
     cases.append(EdgeCase("wrong method", chat, None, frozenset({405}), method="GET"))
     cases.append(EdgeCase("unknown path", "/v1/nothing", b"{}", frozenset({404})))
-    cases.append(EdgeCase("no API key", chat, json.dumps(_chat(model)).encode(), frozenset({401}), auth=False))
+    cases.append(
+        EdgeCase("no API key", chat, json.dumps(_chat(model)).encode(), frozenset({401}), auth=False)
+    )
     cases.append(
         EdgeCase(
             "non-ASCII bearer token",
@@ -349,12 +386,12 @@ def fuzz_handwritten(
             headers = dict(case.headers)
             if case.auth:
                 headers["Authorization"] = f"Bearer {api_key}"
-            headers = {k: v.encode("latin-1").decode("latin-1") for k, v in headers.items()}
+            raw_headers = {k: v.encode("latin-1") for k, v in headers.items()}
             content: bytes | Iterator[bytes] | None = case.content
             if content is None and case.chunks:
                 content = iter(case.chunks)
             try:
-                response = client.request(case.method, case.path, content=content, headers=headers)
+                response = client.request(case.method, case.path, content=content, headers=raw_headers)
             except httpx.HTTPError as exc:
                 result.handwritten += 1
                 result.record(f"edge: {case.name}", 599, f"transport error {type(exc).__name__}")
@@ -383,7 +420,3 @@ def run_fuzz(
     fuzz_handwritten(base_url, api_key, model, max_body_bytes, result)
     result.seconds = time.perf_counter() - start
     return result
-
-
-def finite(value: float) -> bool:
-    return math.isfinite(value)

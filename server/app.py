@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import metrics
 from server.errors import APIError, install_error_handlers, unavailable
@@ -62,20 +63,22 @@ class BodySizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        too_large = APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
+        message = f"request body exceeds {self.max_bytes} bytes"
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await too_large.response()(scope, receive, send)
+            await APIError(413, message, code="request_too_large").response()(scope, receive, send)
             return
         seen = 0
 
         async def limited_receive() -> dict:
             nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+            message_in = await receive()
+            if message_in["type"] == "http.request":
+                seen += len(message_in.get("body", b""))
                 if seen > self.max_bytes:
-                    raise too_large
-            return message
+                    # An HTTPException (not our APIError): FastAPI re-raises it from body parsing instead of
+                    # turning it into a generic 400, and the error handlers render it as a 413.
+                    raise StarletteHTTPException(413, message)
+            return message_in
 
         await self.app(scope, limited_receive, send)
 

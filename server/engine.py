@@ -23,7 +23,12 @@ class ServedModel:
 
 
 def resolve_model(settings: ServerSettings) -> ServedModel:
-    """The checkpoint to serve: ``--model`` if given, else the embedded default (prepared on first use)."""
+    """The checkpoint to serve: ``--model`` if given, else the embedded default (prepared on first use).
+
+    The default is the harm-vector-merged checkpoint at the sweep's chosen point (merged once, cached), unless
+    ``--base-model`` asks for the unmodified base. Without a shipped vector and default point, the base is served
+    and the log says so.
+    """
     if settings.model is not None:
         path = settings.model.expanduser().resolve()
         if not (path / "config.json").is_file():
@@ -31,8 +36,19 @@ def resolve_model(settings: ServerSettings) -> ServedModel:
         return ServedModel(path, settings.served_model_name or path.name)
     from server.model_prep import DEFAULT_MODEL_NAME, prepare_default_model
 
-    path = prepare_default_model()
-    return ServedModel(path, settings.served_model_name or DEFAULT_MODEL_NAME)
+    from server.model_prep import cache_dir
+
+    base = prepare_default_model()
+    if settings.base_model:
+        return ServedModel(base, settings.served_model_name or DEFAULT_MODEL_NAME)
+    from harmvec.merge import DEFAULT_CONFIG_FILE, ensure_merged_default
+    from harmvec.paths import DEFAULT_VECTOR_DIR
+
+    if not (DEFAULT_VECTOR_DIR / DEFAULT_CONFIG_FILE).is_file():
+        logger.warning("no harm-vector default point in %s: serving the unmodified base", DEFAULT_VECTOR_DIR)
+        return ServedModel(base, settings.served_model_name or DEFAULT_MODEL_NAME)
+    merged = ensure_merged_default(base, cache_dir() / "models", DEFAULT_VECTOR_DIR)
+    return ServedModel(merged, settings.served_model_name or DEFAULT_MODEL_NAME)
 
 
 def engine_args(

@@ -73,10 +73,49 @@ class StreamOptions(BaseModel):
 StopField = Annotated[str | list[str] | None, Field(None)]
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _find_lone_surrogate(value: object) -> str | None:
+    """Where in a parsed JSON body a string (or key) holds a lone UTF-16 surrogate, or None.
+
+    JSON allows escapes such as ``"\\ud800"`` that decode to strings which are not valid Unicode: the tokenizer,
+    the engine's serialiser and UTF-8 responses all fail on them, so they are rejected up front. Iterative, since
+    the body may be nested as deeply as the JSON parser allows.
+    """
+    stack: list[tuple[str, object]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if not _encodable(item):
+                return path or "body"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if isinstance(key, str) and not _encodable(key):
+                    return path or "body"
+                stack.append((f"{path}.{key}" if path else str(key), child))
+        elif isinstance(item, list):
+            stack.extend((f"{path}.{i}" if path else str(i), child) for i, child in enumerate(item))
+    return None
+
+
 class _SamplingFields(BaseModel):
     """Sampling parameters shared by both endpoints (OpenAI ranges)."""
 
     model_config = _STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: object) -> object:
+        where = _find_lone_surrogate(data)
+        if where is not None:
+            raise ValueError(f"'{where[:100]}' is not valid Unicode text (it contains a lone surrogate)")
+        return data
 
     model: str = Field(..., min_length=1, max_length=512)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
