@@ -34,9 +34,7 @@ def resolve_model(settings: ServerSettings) -> ServedModel:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"--model {path}: not a Hugging Face checkpoint folder (no config.json)")
         return ServedModel(path, settings.served_model_name or path.name)
-    from server.model_prep import DEFAULT_MODEL_NAME, prepare_default_model
-
-    from server.model_prep import cache_dir
+    from server.model_prep import DEFAULT_MODEL_NAME, cache_dir, prepare_default_model
 
     base = prepare_default_model()
     if settings.base_model:
