@@ -28,6 +28,16 @@ def _fraction_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from error
 
 
+def _point_list(text: str) -> list[tuple[float, float]]:
+    try:
+        pairs = [part.split(":") for part in text.split(",") if part.strip()]
+        return [(float(lam), float(top_k)) for lam, top_k in pairs]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"expected LAMBDA:TOP_K pairs separated by commas, got {text!r}"
+        ) from error
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -104,6 +114,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     config = SweepConfig(
         lambdas=args.lambdas,
         top_ks=args.top_ks,
+        points=args.points,
         n_harmful=args.n_harmful,
         n_xstest=args.n_xstest,
         n_perplexity=args.n_perplexity,
@@ -175,6 +186,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep.add_argument("--vector", type=Path, default=DEFAULT_VECTOR_DIR, help="harm vector folder")
     sweep.add_argument("--lambdas", type=_fraction_list, default=[0.5, 1.0, 2.0, 3.0])
     sweep.add_argument("--top-ks", type=_fraction_list, default=[0.1, 1.0])
+    sweep.add_argument(
+        "--points",
+        type=_point_list,
+        help="explicit LAMBDA:TOP_K pairs (e.g. 0.1:0.1,1:1) instead of the grid",
+    )
     sweep.add_argument("--n-harmful", type=_positive_int, default=48, help="dev harmful prompts")
     sweep.add_argument("--n-xstest", type=_positive_int, default=48, help="XSTest safe prompts")
     sweep.add_argument("--n-perplexity", type=_positive_int, default=48, help="benign chats for perplexity")

@@ -45,6 +45,8 @@ class SweepConfig:
 
     lambdas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0])
     top_ks: list[float] = field(default_factory=lambda: [0.1, 1.0])
+    points: list[tuple[float, float]] | None = None
+    """Explicit (lambda, top_k) points; when set they replace the lambdas x top_ks grid."""
     n_harmful: int = 48
     n_xstest: int = 48
     n_perplexity: int = 48
@@ -183,9 +185,14 @@ def _measure(request: MeasureRequest, point_dir: Path, timeout_s: int) -> Measur
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "harmvec.measure", str(request_path), str(result_path)]
     with (point_dir / "measure.log").open("w") as log:
-        completed = subprocess.run(
-            command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s
-        )
+        try:
+            completed = subprocess.run(
+                command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s
+            )
+        except subprocess.TimeoutExpired as error:
+            raise RuntimeError(
+                f"measuring {request.model_dir} took more than {timeout_s} s (--point-timeout); see {point_dir}"
+            ) from error
     if completed.returncode != 0 or not result_path.is_file():
         raise RuntimeError(
             f"measuring {request.model_dir} failed (exit {completed.returncode}); see {point_dir}"
@@ -211,8 +218,13 @@ def plot_sweep(points: list[Point], chosen: Point, path: Path, max_perplexity_in
         for p, x, y in zip(points, xs, ys, strict=True):
             axes.annotate(p.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     axes.axvline(
-        points[0].perplexity * 1.1, linestyle="--", color="grey", linewidth=0.8, label="base ppl +10 %"
+        points[0].perplexity * (1 + max_perplexity_increase),
+        linestyle="--",
+        color="grey",
+        linewidth=0.8,
+        label=f"perplexity limit (base +{max_perplexity_increase:.0%})",
     )
+    axes.set_ylim(-0.03, 1.03)
     axes.scatter(
         [chosen.perplexity], [chosen.leakage], s=160, facecolors="none", edgecolors="red", label="chosen"
     )
@@ -246,9 +258,9 @@ def run_sweep(
     A point's result is reused when its request (samples, settings, base, vector, lambda, top-k) is unchanged,
     so an interrupted sweep resumes where it stopped.
     """
-    for lam in config.lambdas:
-        for top_k in config.top_ks:
-            validate_merge_args(lam, top_k)
+    pairs = config.points or [(lam, top_k) for lam in config.lambdas for top_k in config.top_ks]
+    for lam, top_k in pairs:
+        validate_merge_args(lam, top_k)
     started = time.monotonic()
     base_dir, vector_dir = Path(base_dir), Path(vector_dir)
     harmful = data.sample_dev_harmful_prompts(config.n_harmful, config.seed, data_dir)
@@ -260,11 +272,10 @@ def run_sweep(
         "base": _file_digest(base_dir / "model.safetensors"),
         "vector": _file_digest(vector_dir / "factors.safetensors"),
     }
-    grid = [("base", 0.0, 1.0)] + [
-        (_point_name(lam, top_k), lam, top_k) for lam in config.lambdas for top_k in config.top_ks
-    ]
+    grid = [("base", 0.0, 1.0)] + [(_point_name(lam, top_k), lam, top_k) for lam, top_k in pairs]
     judge = load_harm_judge()
     points: list[Point] = []
+    reused: list[str] = []
     for name, lam, top_k in grid:
         point_dir = work_dir / "points" / name
         model_dir = base_dir if name == "base" else work_dir / "merged" / name
@@ -288,6 +299,7 @@ def run_sweep(
             and (point_dir / "key.txt").read_text() == key
         ):
             logger.info("point %s: reusing %s", name, cached)
+            reused.append(name)
             result = MeasureResult.load(cached)
         else:
             logger.info("point %s: lambda=%g top_k=%g", name, lam, top_k)
@@ -360,6 +372,8 @@ def run_sweep(
         },
         "vector": str(vector_dir),
         "wall_s": round(time.monotonic() - started, 1),
+        "reused_points": reused,
+        "reused_points_note": "measured by an earlier run with the same request (see timings_s of each point)",
         "command": command,
     }
     report_path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -17,6 +19,20 @@ from server.settings import ServerSettings
 logger = logging.getLogger(__name__)
 
 EXIT_ENGINE_DEAD = 3
+# uvicorn's own grace period once we tell it to stop: our drain has already waited for in-flight requests, so
+# this only lets the last bytes go out before whatever still runs (past the drain timeout) is cancelled.
+SHUTDOWN_GRACE_S = 2
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling, so that SIGTERM / SIGINT start our drain (see ``run_server``).
+
+    uvicorn's handler would stop at once, and sse-starlette, which hooks it, would cut every open stream.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 async def _watch_engine(engine, server: uvicorn.Server, outcome: dict) -> None:
@@ -52,10 +68,10 @@ async def run_server(settings: ServerSettings, log_level: str = "info") -> int:
         host=settings.host,
         port=settings.port,
         log_level=log_level,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         access_log=settings.log_requests,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     outcome = {"code": 0}
     loop = asyncio.get_running_loop()
 
@@ -63,6 +79,16 @@ async def run_server(settings: ServerSettings, log_level: str = "info") -> int:
         deadline = loop.time() + settings.drain_timeout_s
         while metrics.HTTPMetricsMiddleware.in_flight > 0 and loop.time() < deadline:
             await asyncio.sleep(0.1)
+        if metrics.HTTPMetricsMiddleware.in_flight > 0:
+            logger.warning(
+                "drain timeout: cutting %d request(s) still in flight",
+                metrics.HTTPMetricsMiddleware.in_flight,
+            )
+            # sse-starlette ends its open streams itself once told (within 0.5 s): a clean cut, whereas
+            # uvicorn's task cancellation after SHUTDOWN_GRACE_S leaves them hanging until the process exits.
+            from sse_starlette.sse import AppStatus
+
+            AppStatus.should_exit = True
         server.should_exit = True
 
     def drain() -> None:
@@ -78,7 +104,6 @@ async def run_server(settings: ServerSettings, log_level: str = "info") -> int:
     if settings.guidance:
         builder.telemetry.start()
     try:
-        server.install_signal_handlers = lambda: None  # we own SIGTERM/SIGINT below
         loop.add_signal_handler(signal.SIGTERM, drain)
         loop.add_signal_handler(signal.SIGINT, drain)
         await server.serve()

@@ -133,7 +133,7 @@ class GuidanceTelemetry:
                     stats = self.rows.setdefault(rid, RowStats())
                     stats.failed, stats.failure = True, message["reason"]
         elif kind == "removed":
-            metrics.ARM_SLOTS.dec()
+            metrics.ARM_SLOTS.set(message["slots"])
 
     def _sweep(self) -> None:
         cutoff = time.monotonic() - STALE_AFTER_S

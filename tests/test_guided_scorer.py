@@ -91,7 +91,8 @@ def test_move_and_swap_carry_request_state(runtime_factory):
     assert int(scorer.runtime.cache.lengths[3]) == 4 and int(scorer.runtime.cache.lengths[1]) == 0
     scorer.remove(3)
     scorer.remove(0)
-    assert scorer.active_slots == 0 and messages[-1] == {"t": "removed", "rid": "b"}
+    assert messages[-2] == {"t": "removed", "rid": "a", "slots": 1}
+    assert scorer.active_slots == 0 and messages[-1] == {"t": "removed", "rid": "b", "slots": 0}
 
 
 def test_runtime_error_fails_rows_closed(runtime_factory):

@@ -118,7 +118,8 @@ class LexicographicScorer:
     def remove(self, slot: int) -> None:
         request = self.requests.pop(slot, None)
         if request is not None:
-            self.publish({"t": "removed", "rid": request.request_id})
+            # The absolute count, not a decrement: the API's gauge then always equals the slots held here.
+            self.publish({"t": "removed", "rid": request.request_id, "slots": self.active_slots})
         if self.runtime is not None:
             self.runtime.cache.free(slot)
 
