@@ -12,6 +12,7 @@ is missing. Needs the ``dev`` extra (schemathesis, hypothesis).
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import httpx
 
 MAX_RECORDED_PROBLEMS = 25
 MAX_STREAM_EVENTS = 100_000
+SSE_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 ERROR_FIELDS = {"message", "type", "param", "code"}
 
 
@@ -88,11 +90,17 @@ def check_response(status: int, content_type: str, body: bytes) -> str | None:
             return f"HTTP {status} error body leaks internals: {text[:200]!r}"
         return None
     if content_type.startswith("text/event-stream"):
-        events = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
+        lines = SSE_LINE_BREAK.split(text)  # the SSE spec's line breaks only
+        events = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
         if not events or events[-1] != "[DONE]":
             return f"stream did not end with [DONE]: {text[-200:]!r}"
         for event in events[:-1]:
-            payload = json.loads(event)
+            if len(event.splitlines()) != 1:  # str.splitlines / httpx's iter_lines would break this event up
+                return f"stream event with a Unicode line break: {event[:200]!r}"
+            try:
+                payload = json.loads(event)
+            except ValueError:
+                return f"stream event is not JSON: {event[:200]!r}"
             if "error" in payload and payload["error"].get("type") == "server_error":
                 return f"stream carried a server error: {event[:200]}"
         return None

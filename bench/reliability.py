@@ -148,7 +148,11 @@ async def run_one(client: httpx.AsyncClient, spec: RequestSpec, model: str, temp
                 if data == "[DONE]":
                     done = True
                     break
-                payload = json.loads(data)
+                try:
+                    payload = json.loads(data)
+                except ValueError:
+                    outcome.problem = f"event is not JSON: {data[:200]!r}"
+                    return outcome
                 if "error" in payload:
                     outcome.problem = f"error event: {data[:200]}"
                     return outcome

@@ -150,8 +150,13 @@ def _usage(results: list[ChoiceResult], prompt_tokens: int) -> Usage:
     )
 
 
+# Characters that JSON leaves unescaped but common line splitters (Python's str.splitlines, httpx's iter_lines)
+# treat as line breaks: escaped, so an SSE data line is always one line for every client.
+_LINE_BREAKS_JSON_KEEPS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(payload: dict) -> str:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).translate(_LINE_BREAKS_JSON_KEEPS)
 
 
 async def _stream_events(

@@ -104,7 +104,8 @@ def start_server(
 
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    server = start_server(tmp_path_factory.mktemp("live_server"), ["--no-guidance"])
+    """The full system as ``make serve`` runs it: default model, shipped ARM, guidance and safety mask on."""
+    server = start_server(tmp_path_factory.mktemp("live_server"))
     try:
         yield server
     finally:

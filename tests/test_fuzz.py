@@ -7,6 +7,7 @@ The tally goes to ``build/fuzz.json``, which ``bench/reliability.py`` copies int
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from importlib.metadata import version
@@ -16,12 +17,11 @@ import openai
 import pytest
 
 from bench.common import write_report
-from bench.fuzz import run_fuzz
+from bench.fuzz import check_response, run_fuzz
 from rewardmodel.artifact import save_artifact
+from server.app import _sse
 from tests.conftest import REPO, start_server
 from tests.test_guided_decoding import dev_arm
-
-pytestmark = pytest.mark.integration
 
 FUZZ_REPORT = REPO / "build" / "fuzz.json"
 MAX_BODY_BYTES = 65536
@@ -53,6 +53,21 @@ def fuzz_server(tmp_path_factory):
     server.stop()
 
 
+def test_sse_events_survive_every_line_splitter():
+    """JSON leaves U+0085, U+2028 and U+2029 raw, and str.splitlines / httpx's iter_lines split on them."""
+    event = _sse({"choices": [{"text": "a\x85b\u2028c\u2029d\né"}]})
+    assert (
+        len(event.splitlines()) == 1 and json.loads(event)["choices"][0]["text"] == "a\x85b\u2028c\u2029d\né"
+    )
+    stream = f"data: {event}\r\n\r\ndata: [DONE]\r\n\r\n".encode()
+    assert check_response(200, "text/event-stream", stream) is None
+    raw = json.dumps({"choices": [{"text": "a\u2028b"}]}, ensure_ascii=False)
+    assert "line break" in check_response(
+        200, "text/event-stream", f"data: {raw}\n\ndata: [DONE]\n\n".encode()
+    )
+
+
+@pytest.mark.integration
 def test_fuzzing_finds_no_server_errors(fuzz_server):
     result = run_fuzz(
         fuzz_server.base_url,
@@ -81,6 +96,7 @@ def test_fuzzing_finds_no_server_errors(fuzz_server):
     assert fuzz_server.process.poll() is None
 
 
+@pytest.mark.integration
 def test_server_still_serves_after_fuzzing(fuzz_server):
     client = openai.OpenAI(base_url=fuzz_server.base_url + "/v1", api_key=fuzz_server.api_key, max_retries=0)
     reply = client.chat.completions.create(
