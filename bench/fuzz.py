@@ -20,10 +20,13 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from bench.common import REPO
+
 MAX_RECORDED_PROBLEMS = 25
 MAX_STREAM_EVENTS = 100_000
 SSE_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 ERROR_FIELDS = {"message", "type", "param", "code"}
+INTERNALS = ("Traceback", '.py", line', "site-packages", str(REPO))  # stack traces and file paths
 
 
 @dataclass
@@ -86,7 +89,7 @@ def check_response(status: int, content_type: str, body: bytes) -> str | None:
             return f"HTTP {status} without an OpenAI error body: {text[:200]!r}"
         if not isinstance(error, dict) or set(error) != ERROR_FIELDS or not error["message"]:
             return f"HTTP {status} with a malformed error body: {text[:200]!r}"
-        if "Traceback" in text or ".py" in text:
+        if any(sign in text for sign in INTERNALS):
             return f"HTTP {status} error body leaks internals: {text[:200]!r}"
         return None
     if content_type.startswith("text/event-stream"):
