@@ -56,7 +56,7 @@ class LoadConfig:
     min_tokens: int = 16
     max_tokens: int = 48
     guided_fraction: float = 0.5
-    warmup: int = 32
+    warmup: int = 128  # two rounds of the full concurrency: the batch-size-dependent buffers all exist
     temperature: float = 0.8
     seed: int = 0
 
@@ -183,10 +183,18 @@ class RssSamples:
 
     samples: list[tuple[int, float]] = field(default_factory=list)
 
+    def mean_between(self, start: float, end: float) -> float | None:
+        """Mean of the samples taken while between ``start`` and ``end`` requests had finished."""
+        values = [mb for done, mb in self.samples if start <= done < end]
+        return statistics.fmean(values) if values else None
+
     def quarter_means(self, total: int) -> tuple[float | None, float | None]:
-        first = [mb for done, mb in self.samples if done < total / 4]
-        last = [mb for done, mb in self.samples if done >= 3 * total / 4]
-        return (statistics.fmean(first) if first else None, statistics.fmean(last) if last else None)
+        return self.mean_between(0, total / 4), self.mean_between(3 * total / 4, total + 1)
+
+    def decile_means(self, total: int) -> list[float | None]:
+        """The trajectory: a plateau after warm-up is allocator behaviour, a steady climb is a leak."""
+        edges = [total * i / 10 for i in range(10)] + [total + 1]
+        return [_round(self.mean_between(a, b), 1) for a, b in zip(edges, edges[1:], strict=False)]
 
 
 async def run_load(
@@ -325,6 +333,7 @@ def summarise(
         "rss_mb_first_quarter": _round(first, 1),
         "rss_mb_last_quarter": _round(last, 1),
         "rss_samples": len(rss.samples),
+        "rss_mb_by_decile": rss.decile_means(len(specs)),
         "rss_growth": _round((last / first - 1) if first and last else None, 4),
     }
 
@@ -339,17 +348,41 @@ def run_reliability(
     model: str,
     config: LoadConfig,
     rss_mb: Callable[[], float] | None = None,
+    rss_by_process: Callable[[], dict[str, float]] | None = None,
 ) -> dict:
-    """Warm-up, the load run, then the leak check; returns the summary (see ``summarise`` and ``leak_check``)."""
+    """Warm-up, the load run, then the leak check; returns the summary (see ``summarise`` and ``leak_check``).
+
+    ``rss_by_process``, if given, is read before and after the load run (which process any growth is in).
+    """
     prompts = bench_prompts(max(config.requests, config.warmup))
     if config.warmup:
         warm = plan_requests(LoadConfig(requests=config.warmup, seed=config.seed + 1), prompts)
         asyncio.run(run_load(base_url, api_key, model, warm, config))
     specs = plan_requests(config, prompts)
+    before = rss_by_process() if rss_by_process is not None else None
     tokens_before = metric_total(scrape(base_url, api_key), "vllm:generation_tokens_total")
     outcomes, wall, rss = asyncio.run(run_load(base_url, api_key, model, specs, config, rss_mb))
     tokens = metric_total(scrape(base_url, api_key), "vllm:generation_tokens_total") - tokens_before
-    return summarise(specs, outcomes, wall, rss, tokens) | leak_check(base_url, api_key, model)
+    figures = summarise(specs, outcomes, wall, rss, tokens)
+    if rss_by_process is not None:
+        figures["rss_mb_by_process"] = {"before_load": before, "after_load": rss_by_process()}
+    return figures | leak_check(base_url, api_key, model)
+
+
+def process_rss_mb(server: ServerProcess) -> dict[str, float]:
+    """Resident memory of each process of the server's tree, named by its command line's first words."""
+    sizes: dict[str, float] = {}
+    for pid in server.pids():
+        try:
+            name = " ".join(
+                Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:4]
+            )
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        sizes[f"{pid} {name.strip()}"] = round(kb / 1024, 1)
+    return sizes
 
 
 # ---------------------------------------------------------------------------------------------------- the CLI
@@ -383,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-tokens", type=int, default=defaults.min_tokens)
     p.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
     p.add_argument("--guided-fraction", type=float, default=defaults.guided_fraction)
-    p.add_argument("--warmup", type=int, default=defaults.warmup, help="requests sent before measuring")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="requests sent before measuring (default: 2 x --concurrency)"
+    )
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument(
         "--arm-artifact", type=Path, default=None, help="ARM artifact (default: the shipped arm-v1)"
@@ -407,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         args.min_tokens,
         args.max_tokens,
         args.guided_fraction,
-        args.warmup,
+        2 * args.concurrency if args.warmup is None else args.warmup,
         seed=args.seed,
     )
     flags = [
@@ -432,7 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     model = server.start()
     try:
         print(f"load: {config.requests} requests, {config.concurrency} clients", flush=True)
-        figures = run_reliability(server.base_url, API_KEY, model, config, server.rss_mb)
+        figures = run_reliability(
+            server.base_url, API_KEY, model, config, server.rss_mb, lambda: process_rss_mb(server)
+        )
         fuzz = _fuzz_figures(args.fuzz_report, server, model, args.max_body_bytes)
     finally:
         server.stop()
