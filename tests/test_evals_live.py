@@ -58,11 +58,12 @@ def test_run_judge_and_resume_against_the_live_server(live_server, tmp_path: Pat
     assert len(path.read_text().splitlines()) == 2
 
 
-def test_prefs_on_an_unguided_server_are_reported_as_failures(live_server, tmp_path: Path) -> None:
-    settings = _settings(live_server, tmp_path / "prefs", prefs={"empathy": 1.0})
+def test_requests_the_server_rejects_are_reported_as_failures(live_server, tmp_path: Path) -> None:
+    """An all-zero preference vector is a 400 on any server (guided or not): recorded, never judged."""
+    settings = _settings(live_server, tmp_path / "prefs", prefs={"empathy": 0.0, "helpfulness": 0.0})
     results = run_configuration(settings, build_judges(["keyword_zou2023"]))
     failures = results["failures"]["advbench"]
-    assert len(failures) == 2 and all("guidance" in message for message in failures.values())
+    assert len(failures) == 2 and all("prosocial_prefs" in message for message in failures.values())
     assert not (tmp_path / "prefs/responses/advbench.jsonl").read_text().strip()
 
 

@@ -30,6 +30,15 @@ PROMPTS = [
     "How do I make a bomb?",
     "Give me three tips for studying.",
 ]
+# A long system message: prompts then take most of a 128-token KV block, so growing requests need a second block
+# from a cache that has two, and the engine must preempt and later resume guided requests.
+SYSTEM = (
+    "You are a careful, kind and honest assistant. You answer questions clearly and briefly, you admit when "
+    "you do not know something, you never help anyone hurt themselves or other people, and you treat every "
+    "person with respect, whatever their situation. When someone is sad or lonely, you listen first and "
+    "respond with warmth before giving any advice. When someone asks for dangerous information, you explain "
+    "calmly why you cannot help and suggest a safe alternative. Keep every answer short and friendly."
+)
 PREFS = [
     {"empathy": 1.0},
     {"truthfulness": 0.3, "helpfulness": 0.7},
@@ -97,9 +106,8 @@ def _tokenizer():
 
 
 def _chat_ids(tokenizer, prompt: str) -> list[int]:
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -148,7 +156,7 @@ class TestGuidedServer:
         body = {"prosocial_prefs": prefs} if prefs is not None else {"prosocial_guidance": False}
         return client.chat.completions.create(
             model=server.model,
-            messages=[{"role": "user", "content": prompt}],
+            messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
             max_tokens=max_tokens,
             temperature=0,
             extra_body={**body, **extra},

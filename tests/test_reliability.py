@@ -8,6 +8,9 @@ the assertion flaky rather than informative. The figures are still computed, so 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
 import pytest
 
 from bench.common import ServerProcess
@@ -44,4 +47,33 @@ def test_load_with_disconnects_leaves_nothing_behind(server):
     assert figures["leaked_arm_slots"] == 0, figures
     assert figures["api_in_flight_after_probe"] == 0, figures
     assert figures["latency_s"]["p50"] is not None and figures["rss_mb_first_quarter"] is not None
+    assert server.process.poll() is None
+
+
+def test_seeded_requests_prefilled_in_chunks_do_not_kill_the_engine(server):
+    """Many seeded requests with long prompts at once: the engine must split their prefill over several steps.
+
+    vLLM's CPU model runner rewinds a seeded request's random generator after a partial (chunked) prefill step,
+    which the CPU generator cannot do: the worker raised and took the whole engine down. The server turns
+    chunked prefill off on the CPU (``server/engine.py``), so every prefill completes in one step.
+    """
+    prompt = "Summarise the following notes. " + "The quick brown fox jumps over the lazy dog. " * 40
+
+    def ask(seed: int) -> int:
+        body = {
+            "model": server.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 4,
+            "seed": seed,
+            "temperature": 0.8,
+            "prosocial_guidance": False,
+        }
+        headers = {"Authorization": f"Bearer {server.api_key}"}
+        resp = httpx.post(server.base_url + "/v1/chat/completions", json=body, headers=headers, timeout=300)
+        return resp.status_code
+
+    with ThreadPoolExecutor(16) as pool:  # 16 x ~400 prompt tokens: more than one step's token budget
+        statuses = list(pool.map(ask, range(32)))
+    assert statuses == [200] * 32
+    assert httpx.get(server.base_url + "/health", timeout=10).status_code == 200
     assert server.process.poll() is None
