@@ -12,6 +12,7 @@ from server.settings import ServerSettings
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
+CPU_MIN_BATCHED_TOKENS = 2048  # vLLM's default step budget on the CPU
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,18 @@ def engine_args(
 ):
     """AsyncEngineArgs for the CPU or GPU build; the KV cache is sized explicitly (the CPU backend needs it)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.platforms import current_platform
 
+    # vLLM's model runner rewinds a seeded request's random generator after a partial (chunked) prefill step;
+    # the CPU generator cannot (RuntimeError "CPU Generator does not use offset"), which kills the engine as
+    # soon as a request with a `seed` is prefilled in chunks next to other requests. On the CPU every prefill
+    # therefore runs in one step: chunked prefill off, and a step budget that holds the longest prompt.
+    prefill: dict[str, Any] = {}
+    if current_platform.is_cpu():
+        prefill = {
+            "enable_chunked_prefill": False,
+            "max_num_batched_tokens": max(settings.max_model_len, CPU_MIN_BATCHED_TOKENS),
+        }
     # An explicit KV-cache size: the CPU backend otherwise reserves most of the machine's memory. (If the
     # legacy VLLM_CPU_KVCACHE_SPACE variable is set, vLLM's CPU backend lets it win.)
     return AsyncEngineArgs(
@@ -73,6 +85,7 @@ def engine_args(
         disable_log_stats=False,
         logits_processors=logits_processors,
         additional_config=additional_config or {},
+        **prefill,
     )
 
 

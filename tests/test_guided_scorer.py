@@ -122,3 +122,21 @@ def test_load_failure_reports_not_ready_and_fails_rows():
     scorer.add(0, spec("a"), [1, 5], [])
     out = scorer.apply(logits(1))
     assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [EOS]
+
+
+def test_a_preempted_request_resumes_with_its_counts(runtime_factory):
+    """vLLM removes a preempted request and adds it back later with the tokens it already emitted."""
+    messages = []
+    scorer = LexicographicScorer(runtime_factory, 4, 16, EOS, messages.append)
+    output: list[int] = []
+    scorer.add(0, spec("a", threshold=float("-inf")), [1, 5, 6], output)
+    scorer.apply(logits(1))
+    output.extend([7, 8])  # two tokens emitted (both confirmed guided), then preempted
+    scorer.masked[0] = 3
+    scorer.remove(0)
+    scorer.add(2, spec("a", threshold=float("-inf")), [1, 5, 6], output)
+    assert int(scorer.steps[2]) == 2 and int(scorer.masked[2]) == 3
+    scorer.apply(logits(3))
+    row = messages[-1]["rows"][0]
+    assert row["rid"] == "a" and row["steps"] == 3  # the cache was rebuilt from prompt + output
+    assert int(scorer.runtime.cache.lengths[2]) == 5

@@ -8,6 +8,7 @@ the assertion flaky rather than informative. The figures are still computed, so 
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -28,9 +29,8 @@ CONFIG = LoadConfig(requests=80, concurrency=16, min_tokens=8, max_tokens=24, wa
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reliability")
     artifact = save_artifact(dev_arm(), tmp / "arm-dev")
-    server = start_server(
-        tmp, ["--arm-artifact", str(artifact), "--max-num-seqs", "16", "--max-tokens-limit", "64"]
-    )
+    flags = ["--arm-artifact", str(artifact), "--max-num-seqs", "16", "--max-tokens-limit", "64"]
+    server = start_server(tmp, [*flags, "--max-model-len", "3072"])  # room for a prompt over 2,048 tokens
     yield server
     server.stop()
 
@@ -50,30 +50,25 @@ def test_load_with_disconnects_leaves_nothing_behind(server):
     assert server.process.poll() is None
 
 
-def test_seeded_requests_prefilled_in_chunks_do_not_kill_the_engine(server):
-    """Many seeded requests with long prompts at once: the engine must split their prefill over several steps.
+def test_seeded_long_prompt_next_to_running_requests_does_not_kill_the_engine(server):
+    """A seeded request whose prompt is longer than vLLM's default step budget (2,048 tokens), sent while another
+    request is decoding.
 
-    vLLM's CPU model runner rewinds a seeded request's random generator after a partial (chunked) prefill step,
-    which the CPU generator cannot do: the worker raised and took the whole engine down. The server turns
-    chunked prefill off on the CPU (``server/engine.py``), so every prefill completes in one step.
+    vLLM's model runner rewinds a seeded request's random generator after a partial (chunked) prefill step, which
+    the CPU generator cannot do: the worker raised and took the whole engine down, one request sufficed. The server
+    turns chunked prefill off on the CPU (``server/engine.py``), so every prefill completes in one step.
     """
-    prompt = "Summarise the following notes. " + "The quick brown fox jumps over the lazy dog. " * 40
-
-    def ask(seed: int) -> int:
-        body = {
-            "model": server.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": 4,
-            "seed": seed,
-            "temperature": 0.8,
-            "prosocial_guidance": False,
-        }
-        headers = {"Authorization": f"Bearer {server.api_key}"}
-        resp = httpx.post(server.base_url + "/v1/chat/completions", json=body, headers=headers, timeout=300)
-        return resp.status_code
-
-    with ThreadPoolExecutor(16) as pool:  # 16 x ~400 prompt tokens: more than one step's token budget
-        statuses = list(pool.map(ask, range(32)))
-    assert statuses == [200] * 32
+    headers = {"Authorization": f"Bearer {server.api_key}"}
+    url = server.base_url + "/v1/completions"
+    running = {"model": server.model, "prompt": "1, 2, 3,", "max_tokens": 64, "ignore_eos": True}
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 250  # about 2,500 tokens
+    seeded = {"model": server.model, "prompt": long_prompt, "max_tokens": 4, "temperature": 0.8, "seed": 5}
+    with ThreadPoolExecutor(2) as pool:
+        background = pool.submit(httpx.post, url, json=running, headers=headers, timeout=300)
+        time.sleep(1.0)  # the first request is decoding when the long prompt arrives
+        reply = httpx.post(url, json=seeded, headers=headers, timeout=300)
+        assert background.result().status_code == 200
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["prompt_tokens"] > 2048
     assert httpx.get(server.base_url + "/health", timeout=10).status_code == 200
     assert server.process.poll() is None

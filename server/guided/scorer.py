@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from rewardmodel.attributes import ALL_ATTRIBUTES, PROSOCIAL_ATTRIBUTES, SAFETY_
 logger = logging.getLogger(__name__)
 
 NEG_INF = float("-inf")
+PARKED_LIMIT = 1024  # stats kept for requests that left the batch, in case they were preempted and come back
 
 
 @dataclass
@@ -70,6 +72,7 @@ class LexicographicScorer:
 
         A = len(self.attributes)
         self.requests: dict[int, RowRequest] = {}
+        self._parked: OrderedDict[str, tuple] = OrderedDict()
         self.prefs = torch.zeros(slots, len(PROSOCIAL_ATTRIBUTES))
         self.has_prefs = torch.zeros(slots, dtype=torch.bool)
         self.mask_on = torch.zeros(slots, dtype=torch.bool)
@@ -111,6 +114,16 @@ class LexicographicScorer:
         self.inv_beta[slot] = 1.0 / float(spec.get("beta", 1.0))
         for t in (self.steps, self.masked, self.filtered, self.failed, self.reward_sums, self.reward_count):
             t[slot] = 0
+        # A request resumed after preemption: the tokens it already emitted were guided (and confirmed) before.
+        self.steps[slot] = len(output)
+        parked = self._parked.pop(spec["request_id"], None) if output else None
+        if parked is not None:
+            self.masked[slot], self.reward_sums[slot], self.reward_count[slot] = (
+                parked[0],
+                parked[1],
+                parked[2],
+            )
+            self.filtered[slot], self.failed[slot] = parked[3], parked[4]
         self.prev_cand[slot] = -1
         if self.runtime is not None:
             self.runtime.cache.free(slot)
@@ -118,6 +131,15 @@ class LexicographicScorer:
     def remove(self, slot: int) -> None:
         request = self.requests.pop(slot, None)
         if request is not None:
+            self._parked[request.request_id] = (
+                int(self.masked[slot]),
+                self.reward_sums[slot].clone(),
+                int(self.reward_count[slot]),
+                bool(self.filtered[slot]),
+                bool(self.failed[slot]),
+            )
+            while len(self._parked) > PARKED_LIMIT:
+                self._parked.popitem(last=False)
             # The absolute count, not a decrement: the API's gauge then always equals the slots held here.
             self.publish({"t": "removed", "rid": request.request_id, "slots": self.active_slots})
         if self.runtime is not None:
