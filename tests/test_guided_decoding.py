@@ -120,9 +120,12 @@ def _normalised(prefs: dict | None) -> list[float] | None:
 
 
 def _metric(base_url: str, name: str) -> float:
+    """A metric's value summed over its label sets (vLLM labels its series with engine and model name)."""
     text = httpx.get(base_url + "/metrics", timeout=10).text
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
+    if "{" in name:  # an exact series
+        match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+        return float(match.group(1)) if match else 0.0
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
 
 
 @pytest.fixture(scope="module")
