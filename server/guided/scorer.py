@@ -187,10 +187,10 @@ class LexicographicScorer:
         return logits
 
     def _guide(self, logits: Tensor, rows: list[int]) -> None:
-        fresh = [s for s in rows if self.failed[s] or self.filtered[s]]
-        if fresh:  # already failed or filtered rows only get EOS until the engine removes them
-            self._only_eos(logits, fresh)
-            rows = [s for s in rows if s not in set(fresh)]
+        ended = (self.failed | self.filtered)[torch.tensor(rows)].tolist()  # one read, not one per row
+        if any(ended):  # already failed or filtered rows only get EOS until the engine removes them
+            self._only_eos(logits, [s for s, e in zip(rows, ended, strict=True) if e])
+            rows = [s for s, e in zip(rows, ended, strict=True) if not e]
             if not rows:
                 return
         self.total_steps += 1
@@ -226,20 +226,14 @@ class LexicographicScorer:
         """Feed every row's not-yet-seen tokens to the ARM; returns each row's last hidden state [R, H]."""
         hidden: dict[int, Tensor] = {}
         decode_slots, decode_tokens = [], []
-        for slot in rows:
+        fed_counts = self.runtime.cache.lengths[torch.tensor(rows)].tolist()  # one read, not one per row
+        for slot, fed in zip(rows, fed_counts, strict=True):
             request = self.requests[slot]
-            fed = int(self.runtime.cache.lengths[slot])
-            total = len(request.prompt) + len(request.output)
-            if fed > 0 and total - fed == 1:
+            if fed > 0 and len(request.prompt) + len(request.output) - fed == 1:
                 decode_slots.append(slot)
                 decode_tokens.append(request.output[-1])
-            else:  # joined or resumed: (re)build the cache from the token lists
-                tokens = (
-                    (request.prompt + request.output)[fed:] if fed > 0 else request.prompt + request.output
-                )
-                hidden[slot] = (
-                    self.runtime.extend(slot, tokens) if fed > 0 else self.runtime.prefill(slot, tokens)
-                )
+            else:  # joined or resumed: (re)build the cache from the token lists (add() emptied the slot)
+                hidden[slot] = self.runtime.extend(slot, (request.prompt + request.output)[fed:])
         if decode_slots:
             self._credit_emitted(decode_slots, decode_tokens)
             for slot, h in zip(decode_slots, self.runtime.decode(decode_slots, decode_tokens), strict=True):
