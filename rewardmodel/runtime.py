@@ -11,6 +11,7 @@ Weights come from ``rewardmodel.artifact.arm_weights_for_serving`` (LoRA already
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,19 @@ class ArmKVCache:
         self.lengths[[a, b]] = self.lengths[[b, a]]
 
 
+@dataclass
+class _Step:
+    """What every layer of one ARM pass needs to know about where its tokens go."""
+
+    slots: Tensor  # [B] cache slot of each row
+    positions: Tensor  # [B, T] position of each new token
+    cache_rows: slice | Tensor  # how to read the rows' cache entries (a view when the slots are consecutive)
+    attend_len: int  # keys to attend over: the longest row's length after this pass
+    mask: Tensor  # [B, 1, T, attend_len] causal mask, each row up to its own length
+    cos: Tensor  # [B, 1, T, D] rotary tables
+    sin: Tensor
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """As transformers' LlamaRMSNorm: normalise in float32, scale in the weight's dtype."""
     xf = x.float()
@@ -116,6 +130,10 @@ class ArmRuntime:
         # Head adapters stacked as [A, H, r] / [A, r, H] in shape.attributes order.
         self.head_down = torch.stack([self.w[f"head_adapters.{a}.down"] for a in shape.attributes])
         self.head_up = torch.stack([self.w[f"head_adapters.{a}.up"] for a in shape.attributes])
+        # Per layer, q/k/v and gate/up fused into one [H, out] matrix each: a decode step on a small batch is
+        # dominated by per-op overhead, so 4 matrix products per layer instead of 7.
+        self.layers = [self._fuse(i) for i in range(shape.num_layers)]
+        self.w = {name: t for name, t in self.w.items() if not name.startswith("layers.")}
         self.cache = ArmKVCache(shape, slots, max_len, dtype, self.device)
         half = torch.arange(0, shape.head_dim, 2, dtype=torch.float32, device=self.device)
         self.inv_freq = 1.0 / (shape.rope_theta ** (half / shape.head_dim))
@@ -142,32 +160,59 @@ class ArmRuntime:
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    def _block(
-        self, i: int, x: Tensor, positions: Tensor, slots: Tensor, attend_len: int, mask: Tensor
-    ) -> Tensor:
-        """One decoder layer on ``x`` [B, T, H] whose tokens sit at ``positions`` [B, T] of ``slots`` [B]."""
-        s, w, p = self.shape, self.w, f"layers.{i}."
+    def _fuse(self, i: int) -> dict[str, Tensor]:
+        w, p = self.w, f"layers.{i}."
+        attn, mlp = p + "self_attn.", p + "mlp."
+        return {
+            "norm1": w[p + "input_layernorm.weight"],
+            "norm2": w[p + "post_attention_layernorm.weight"],
+            "qkv": torch.cat([w[attn + f"{n}_proj.weight"] for n in "qkv"]).T.contiguous(),
+            "o": w[attn + "o_proj.weight"].T.contiguous(),
+            "gate_up": torch.cat([w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]]).T.contiguous(),
+            "down": w[mlp + "down_proj.weight"].T.contiguous(),
+        }
+
+    def _block(self, i: int, x: Tensor, step: _Step) -> Tensor:
+        """One decoder layer on ``x`` [B, T, H] whose tokens sit at ``step.positions`` of ``step.slots``."""
+        s, layer = self.shape, self.layers[i]
         B, T, _ = x.shape
-        h = rms_norm(x, w[p + "input_layernorm.weight"], s.eps)
-        q = (h @ w[p + "self_attn.q_proj.weight"].T).view(B, T, s.heads, s.head_dim).transpose(1, 2)
-        k = (h @ w[p + "self_attn.k_proj.weight"].T).view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)
-        v = (h @ w[p + "self_attn.v_proj.weight"].T).view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)
-        cos, sin = self._rope(positions)  # [B, T, D]
-        cos, sin = cos[:, None], sin[:, None]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        h = rms_norm(x, layer["norm1"], s.eps)
+        q, k, v = (h @ layer["qkv"]).split(
+            [s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], dim=-1
+        )
+        q = q.view(B, T, s.heads, s.head_dim).transpose(1, 2)
+        k = k.view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)
+        v = v.view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)
+        q = q * step.cos + rotate_half(q) * step.sin
+        k = k * step.cos + rotate_half(k) * step.sin
         # Write the new keys/values into each row's slot, then attend over the slot's whole prefix.
         cache_k, cache_v = self.cache.k[i], self.cache.v[i]
-        rows = slots[:, None].expand(B, T)
-        cache_k[rows, :, positions] = k.transpose(1, 2)
-        cache_v[rows, :, positions] = v.transpose(1, 2)
-        keys = cache_k[slots, :, :attend_len]
-        values = cache_v[slots, :, :attend_len]
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        x = x + attn.transpose(1, 2).reshape(B, T, s.heads * s.head_dim) @ w[p + "self_attn.o_proj.weight"].T
-        h = rms_norm(x, w[p + "post_attention_layernorm.weight"], s.eps)
-        gate = F.silu(h @ w[p + "mlp.gate_proj.weight"].T)
-        return x + (gate * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+        rows = step.slots[:, None].expand(B, T)
+        cache_k[rows, :, step.positions] = k.transpose(1, 2)
+        cache_v[rows, :, step.positions] = v.transpose(1, 2)
+        keys = cache_k[step.cache_rows, :, : step.attend_len]
+        values = cache_v[step.cache_rows, :, : step.attend_len]
+        if T == 1:
+            attn = self._decode_attention(q, keys, values, step.mask)
+        else:
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
+        x = x + attn.transpose(1, 2).reshape(B, T, s.heads * s.head_dim) @ layer["o"]
+        h = rms_norm(x, layer["norm2"], s.eps)
+        gate, up = (h @ layer["gate_up"]).chunk(2, dim=-1)
+        return x + (F.silu(gate) * up) @ layer["down"]
+
+    def _decode_attention(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+        """One query per row, grouped-query attention as two small batched products (float32 softmax).
+
+        CPU SDPA kernels are built for long queries; for a single one they cost several times these products.
+        """
+        B, heads, _, D = q.shape
+        kv = keys.shape[1]
+        grouped = q.reshape(B, kv, heads // kv, D).float()  # query head j reads key/value head j // group
+        scores = grouped @ keys.transpose(-1, -2).float() / math.sqrt(D)  # [B, kv, group, L]
+        scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, 1, L]
+        out = torch.softmax(scores, dim=-1) @ values.float()  # [B, kv, group, D]
+        return out.reshape(B, heads, 1, D).to(q.dtype)
 
     @torch.inference_mode()
     def _run(self, slots: Tensor, tokens: Tensor) -> Tensor:
@@ -179,10 +224,22 @@ class ArmRuntime:
             raise ValueError(f"ARM cache full: a sequence exceeds {self.cache.max_len} tokens")
         attend_len = int(positions.max()) + 1
         key_pos = torch.arange(attend_len, device=self.device)
-        mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, attend_len]
+        first = int(slots[0])
+        consecutive = bool(torch.equal(slots, torch.arange(first, first + B, device=self.device)))
+        cos, sin = self._rope(positions)  # [B, T, D], shared by every layer
+        step = _Step(
+            slots=slots,
+            positions=positions,
+            # Consecutive slots (the usual batch) are read as a view of the cache, others are gathered.
+            cache_rows=slice(first, first + B) if consecutive else slots,
+            attend_len=attend_len,
+            mask=(key_pos[None, None, :] <= positions[:, :, None])[:, None],  # [B, 1, T, attend_len]
+            cos=cos[:, None],
+            sin=sin[:, None],
+        )
         x = self.w["embed_tokens.weight"][tokens]
         for i in range(self.shape.num_layers):
-            x = self._block(i, x, positions, slots, attend_len, mask)
+            x = self._block(i, x, step)
         self.cache.lengths[slots] = start + T
         return x[:, -1]
 

@@ -159,6 +159,50 @@ def _sse(payload: dict) -> str:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).translate(_LINE_BREAKS_JSON_KEEPS)
 
 
+class StreamChunks:
+    """The SSE payloads of one streamed response (chat or text completion), OpenAI's shapes.
+
+    Counts the tokens each choice actually streamed, so the closing usage chunk matches what the client received.
+    """
+
+    def __init__(
+        self, rid: str, object_name: str, created: int, model: str, plan: Any, stream_options
+    ) -> None:
+        self.head = {"id": rid, "object": object_name, "created": created, "model": model}
+        self.plan = plan
+        self.include_usage = bool(stream_options and stream_options.include_usage)
+        self.emitted: dict[int, int] = {}
+
+    def envelope(self, choices: list[dict], usage: dict | None = None) -> dict:
+        payload = self.head | {"choices": choices}
+        if self.include_usage:  # OpenAI: "usage" is null on every chunk but the last
+            payload["usage"] = usage
+        return payload
+
+    def choice(self, delta: ChoiceDelta, content: dict, logprobs_of: Any) -> dict:
+        """One choice of a chunk: its content fields, then logprobs, finish_reason and (at the end) prosocial."""
+        self.emitted[delta.index] = self.emitted.get(delta.index, 0) + len(delta.token_ids)
+        choice: dict[str, Any] = {"index": delta.index} | content
+        choice["logprobs"] = (
+            logprobs_of(delta.logprobs, delta.token_ids, self.plan.top_logprobs).model_dump()
+            if self.plan.logprobs
+            else None
+        )
+        choice["finish_reason"] = finish_reason(delta) if delta.finish_reason else None
+        if delta.finish_reason:
+            info = self.plan.prosocial_info(delta)
+            if info is not None:
+                choice["prosocial"] = info.model_dump()
+        return choice
+
+    def usage_chunk(self) -> dict:
+        done = sum(self.emitted.values())
+        prompt = self.plan.prompt_tokens
+        return self.envelope(
+            [], {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+        )
+
+
 async def _stream_events(
     generation: Generation, first_chunk: dict | None, render: Any, usage_chunk: Any
 ) -> AsyncIterator[str]:
@@ -277,46 +321,21 @@ def create_app(settings: ServerSettings, engine: Any, builder: RequestBuilder) -
                 usage=_usage(results, plan.prompt_tokens),
             )
 
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        emitted: dict[int, int] = {}
-
-        def chunk(choices: list[dict], usage: dict | None = None) -> dict:
-            payload = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-            payload["choices"] = choices
-            if include_usage:
-                payload["usage"] = usage
-            return payload
-
-        def render(delta: ChoiceDelta) -> dict:
-            emitted[delta.index] = emitted.get(delta.index, 0) + len(delta.token_ids)
-            choice: dict[str, Any] = {"index": delta.index, "delta": {"content": delta.text}}
-            if plan.logprobs:
-                choice["logprobs"] = chat_logprobs(
-                    delta.logprobs, delta.token_ids, plan.top_logprobs
-                ).model_dump()
-            else:
-                choice["logprobs"] = None
-            choice["finish_reason"] = finish_reason(delta) if delta.finish_reason else None
-            if delta.finish_reason:
-                info = plan.prosocial_info(delta)
-                if info is not None:
-                    choice["prosocial"] = info.model_dump()
-            return chunk([choice])
-
-        def usage_chunk() -> dict:
-            done = sum(emitted.values())
-            usage = {"prompt_tokens": plan.prompt_tokens, "completion_tokens": done}
-            usage["total_tokens"] = plan.prompt_tokens + done
-            return chunk([], usage)
-
-        first = chunk(
+        chunks = StreamChunks(rid, "chat.completion.chunk", created, model, plan, body.stream_options)
+        first = chunks.envelope(
             [
                 {"index": job.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
                 | {"finish_reason": None}
                 for job in plan.jobs
             ]
         )
-        events = _stream_events(generation, first, render, usage_chunk if include_usage else None)
+
+        def render(delta: ChoiceDelta) -> dict:
+            return chunks.envelope([chunks.choice(delta, {"delta": {"content": delta.text}}, chat_logprobs)])
+
+        events = _stream_events(
+            generation, first, render, chunks.usage_chunk if chunks.include_usage else None
+        )
         return await _start_stream(events)
 
     @app.post(
@@ -349,41 +368,14 @@ def create_app(settings: ServerSettings, engine: Any, builder: RequestBuilder) -
                 usage=_usage(results, plan.prompt_tokens),
             )
 
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        emitted: dict[int, int] = {}
+        chunks = StreamChunks(rid, "text_completion", created, model, plan, body.stream_options)
 
         def render(delta: ChoiceDelta) -> dict:
-            emitted[delta.index] = emitted.get(delta.index, 0) + len(delta.token_ids)
-            choice: dict[str, Any] = {"index": delta.index, "text": delta.text}
-            choice["logprobs"] = (
-                completion_logprobs(delta.logprobs, delta.token_ids, plan.top_logprobs).model_dump()
-                if plan.logprobs
-                else None
-            )
-            choice["finish_reason"] = finish_reason(delta) if delta.finish_reason else None
-            if delta.finish_reason:
-                info = plan.prosocial_info(delta)
-                if info is not None:
-                    choice["prosocial"] = info.model_dump()
-            payload = {"id": rid, "object": "text_completion", "created": created, "model": model}
-            payload["choices"] = [choice]
-            if include_usage:
-                payload["usage"] = None
-            return payload
+            return chunks.envelope([chunks.choice(delta, {"text": delta.text}, completion_logprobs)])
 
-        def usage_chunk() -> dict:
-            done = sum(emitted.values())
-            usage = {"prompt_tokens": plan.prompt_tokens, "completion_tokens": done}
-            usage["total_tokens"] = plan.prompt_tokens + done
-            return {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [],
-            } | {"usage": usage}
-
-        events = _stream_events(generation, None, render, usage_chunk if include_usage else None)
+        events = _stream_events(
+            generation, None, render, chunks.usage_chunk if chunks.include_usage else None
+        )
         return await _start_stream(events)
 
     @app.get("/", include_in_schema=False)

@@ -72,6 +72,8 @@ class GuidanceTelemetry:
         self.ready: bool | None = None  # None until the processor reports its ARM status
         self.error: str | None = None
         self.rows: dict[str, RowStats] = {}
+        # confirm() calls waiting for news of a request: woken from the receiving thread, no polling.
+        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._socket = zmq.Context.instance().socket(zmq.PULL)
@@ -110,6 +112,8 @@ class GuidanceTelemetry:
             self.ready, self.error = bool(message["ready"]), message.get("error")
             if not self.ready:
                 logger.error("guidance unavailable: %s", self.error)
+                with self._lock:
+                    self._wake(list(self._waiters))
         elif kind == "step":
             metrics.ARM_FORWARD_SECONDS.observe(message["arm_s"])
             metrics.ARM_BATCH_SIZE.observe(message["batch"])
@@ -126,14 +130,22 @@ class GuidanceTelemetry:
                     stats.steps, stats.masked = row["steps"], row["masked"]
                     stats.filtered, stats.failed = row["filtered"], stats.failed or row["failed"]
                     stats.rewards, stats.updated = row["rewards"], time.monotonic()
+                self._wake([row["rid"] for row in message["rows"]])
         elif kind == "failure":
             metrics.GUIDANCE_FAILURES.labels("arm_error").inc(len(message["rids"]))
             with self._lock:
                 for rid in message["rids"]:
                     stats = self.rows.setdefault(rid, RowStats())
                     stats.failed, stats.failure = True, message["reason"]
+                self._wake(message["rids"])
         elif kind == "removed":
             metrics.ARM_SLOTS.set(message["slots"])
+
+    def _wake(self, request_ids: list[str]) -> None:
+        """Wake the confirm() calls waiting on these requests (caller holds the lock)."""
+        for rid in request_ids:
+            for loop, future in self._waiters.pop(rid, ()):
+                loop.call_soon_threadsafe(_resolve, future)
 
     def _sweep(self) -> None:
         cutoff = time.monotonic() - STALE_AFTER_S
@@ -145,6 +157,7 @@ class GuidanceTelemetry:
     async def confirm(self, request_id: str, tokens: int, timeout: float = CONFIRM_TIMEOUT_S) -> RowStats:
         """Wait until the processor confirmed it guided ``tokens`` steps of the request; 503 if it cannot."""
         deadline = time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
         while True:
             if self.ready is False:
                 metrics.GUIDANCE_FAILURES.labels("arm_unavailable").inc()
@@ -156,12 +169,30 @@ class GuidanceTelemetry:
                 )
             if stats is not None and stats.steps >= tokens:
                 return stats
-            if time.monotonic() > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 metrics.GUIDANCE_FAILURES.labels("unconfirmed").inc()
                 raise unavailable("guidance could not be confirmed for this request", "guidance_unconfirmed")
-            await asyncio.sleep(0.002)
+            future = loop.create_future()
+            with self._lock:  # registered under the lock, so news that lands after the checks above wakes it
+                self._waiters.setdefault(request_id, []).append((loop, future))
+                current = self.rows.get(request_id)
+                if self.ready is False or (
+                    current is not None and (current.failed or current.steps >= tokens)
+                ):
+                    self._wake([request_id])  # news arrived between the checks and the registration
+            try:
+                await asyncio.wait_for(future, min(remaining, 1.0))  # the 1 s bound re-checks readiness
+            except TimeoutError:
+                pass
 
     def forget(self, request_ids: list[str]) -> None:
         with self._lock:
             for rid in request_ids:
                 self.rows.pop(rid, None)
+                self._waiters.pop(rid, None)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():  # a waiter that timed out was cancelled
+        future.set_result(None)
