@@ -2,7 +2,8 @@
 
 Configurations:
   plain            our server, no logits processor (--no-guidance)
-  unguided         processor loaded, requests carry no guidance (--no-safety-mask, no prefs): the early return
+  unguided         processor loaded, requests carry no guidance (--no-safety-mask --default-prefs {}): the early
+                   return
   guided           safety mask + every request its own preference vector (as in real serving)
   guided_same      safety mask + all requests one shared preference vector
   reference        GenARM-style transformers ``generate`` + a logits processor calling the same ARM; it can only
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     servers = {}
     for label, flags in {
         "plain": ("--no-guidance",),
-        "unguided": ("--no-safety-mask",),
+        "unguided": ("--no-safety-mask", "--default-prefs", "{}"),
         "guided": (),
     }.items():
         port = free_port()

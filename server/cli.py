@@ -42,7 +42,8 @@ _SERVE_FLAGS: dict[str, dict] = {
     "beta": {"type": float, "help": "reward temperature beta (default 1)"},
     "default_prefs": {
         "type": json.loads,
-        "help": "JSON preferences for requests without any, e.g. '{\"empathy\":1}'",
+        "help": "JSON preferences for requests without any (default: all five equal; '{}': none, "
+        "the safety mask only), e.g. '{\"empathy\":1}'",
     },
     "arm_artifact": {"help": "ARM artifact folder (default: the shipped arm-v1)"},
     "candidate_top_k": {

@@ -62,8 +62,9 @@ class ServerSettings(BaseSettings):
         1.0, gt=0, description="Reward temperature: score = base + (1/beta) * sum_i w_i * r_i."
     )
     default_prefs: dict[str, float] | None = Field(
-        None,
-        description="Preferences applied to requests without prosocial_prefs (None: no preference term).",
+        default_factory=lambda: dict.fromkeys(PROSOCIAL_ATTRIBUTES, 1.0),
+        description="Preferences applied to requests without prosocial_prefs (default: the five attributes "
+        "weighted equally; {} or None: no preference term, the safety mask only).",
     )
     arm_artifact: Path | None = Field(None, description="ARM artifact folder; default: the shipped arm-v1.")
     candidate_top_k: int = Field(
@@ -80,8 +81,8 @@ class ServerSettings(BaseSettings):
     @field_validator("default_prefs")
     @classmethod
     def _known_attributes(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value is None:
-            return value
+        if not value:
+            return None
         unknown = sorted(set(value) - set(PROSOCIAL_ATTRIBUTES))
         if unknown:
             raise ValueError(f"unknown attributes in default_prefs: {unknown}")
