@@ -11,7 +11,6 @@ Weights come from ``rewardmodel.artifact.arm_weights_for_serving`` (LoRA already
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,17 +201,19 @@ class ArmRuntime:
         return x + (F.silu(gate) * up) @ layer["down"]
 
     def _decode_attention(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-        """One query per row, grouped-query attention as two small batched products (float32 softmax).
+        """One query per row, grouped-query attention as two small batched products.
 
         CPU SDPA kernels are built for long queries; for a single one they cost several times these products.
+        Keys and values are packed first: a batched product over a strided view of the cache takes a slow path,
+        the packing copy costs less. Only the [B, heads, L] scores are softmaxed in float32.
         """
         B, heads, _, D = q.shape
         kv = keys.shape[1]
-        grouped = q.reshape(B, kv, heads // kv, D).float()  # query head j reads key/value head j // group
-        scores = grouped @ keys.transpose(-1, -2).float() / math.sqrt(D)  # [B, kv, group, L]
+        grouped = q.reshape(B, kv, heads // kv, D) * D**-0.5  # query head j reads key/value head j // group
+        scores = (grouped @ keys.contiguous().transpose(-1, -2)).float()  # [B, kv, group, L]
         scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, 1, L]
-        out = torch.softmax(scores, dim=-1) @ values.float()  # [B, kv, group, D]
-        return out.reshape(B, heads, 1, D).to(q.dtype)
+        out = torch.softmax(scores, dim=-1).to(values.dtype) @ values.contiguous()  # [B, kv, group, D]
+        return out.reshape(B, heads, 1, D)
 
     @torch.inference_mode()
     def _run(self, slots: Tensor, tokens: Tensor) -> Tensor:
