@@ -147,10 +147,11 @@ def arm_ms_per_token(
     """Wall time of the ARM runtime's decode step per row, with every row at a given context length."""
     from rewardmodel.runtime import ArmRuntime
     from server.guided.config import DEFAULT_ARM_ARTIFACT
+    from server.guided.v1 import engine_linear
     from server.model_prep import prepare_default_model
 
-    runtime = ArmRuntime.from_artifact(
-        prepare_default_model(), DEFAULT_ARM_ARTIFACT, batch, 1024, torch.bfloat16
+    runtime = ArmRuntime.from_artifact(  # as the server builds it: with the engine's matrix product
+        prepare_default_model(), DEFAULT_ARM_ARTIFACT, batch, 1024, torch.bfloat16, "cpu", engine_linear()
     )
     rng = random.Random(0)
     result = {}

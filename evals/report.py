@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shlex
 import shutil
+import sys
 from pathlib import Path
 from statistics import fmean
 
@@ -94,6 +96,7 @@ def build_report(
     return {
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
+        "command": " ".join(["prosocial", *map(shlex.quote, sys.argv[1:])]),
         "judge": judge,
         "summary": summary,
         "configurations": runs,
@@ -150,7 +153,7 @@ def render_markdown(report: dict) -> str:
     lines = [
         "# Evaluation report",
         "",
-        f"Commit `{report['git_commit']}`, generated {report['generated_at']}.",
+        f"Commit `{report['git_commit']}`, generated {report['generated_at']} by `{report.get('command')}`.",
         "",
     ]
     lines += ["## Harm judge (headline unsafe leakage)", ""]

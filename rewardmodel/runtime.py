@@ -11,6 +11,7 @@ Weights come from ``rewardmodel.artifact.arm_weights_for_serving`` (LoRA already
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,15 @@ class ArmKVCache:
         self.lengths[[a, b]] = self.lengths[[b, a]]
 
 
+Linear = Callable[[Tensor], Tensor]
+LinearFactory = Callable[[Tensor], Linear]  # weight [out, in] -> (x [..., in] -> x @ weight.T)
+
+
+def torch_linear(weight: Tensor) -> Linear:
+    """PyTorch's own matrix product (the default; an engine may pass its faster kernel, see ``server/guided``)."""
+    return lambda x: F.linear(x, weight)
+
+
 @dataclass
 class _Step:
     """What every layer of one ARM pass needs to know about where its tokens go."""
@@ -120,8 +130,10 @@ class ArmRuntime:
         max_len: int,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
+        linear: LinearFactory = torch_linear,
     ) -> None:
         self.shape = shape
+        self.linear = linear
         self.dtype = dtype
         self.device = torch.device(device)
         self.w = {name: t.to(self.device, dtype) for name, t in weights.items()}
@@ -129,8 +141,8 @@ class ArmRuntime:
         # Head adapters stacked as [A, H, r] / [A, r, H] in shape.attributes order.
         self.head_down = torch.stack([self.w[f"head_adapters.{a}.down"] for a in shape.attributes])
         self.head_up = torch.stack([self.w[f"head_adapters.{a}.up"] for a in shape.attributes])
-        # Per layer, q/k/v and gate/up fused into one [H, out] matrix each: a decode step on a small batch is
-        # dominated by per-op overhead, so 4 matrix products per layer instead of 7.
+        # Per layer, q/k/v and gate/up fused into one [out, H] matrix each: a decode step on a small batch is
+        # dominated by per-op overhead, so 4 matrix products per layer instead of 7, each through ``linear``.
         self.layers = [self._fuse(i) for i in range(shape.num_layers)]
         self.w = {name: t for name, t in self.w.items() if not name.startswith("layers.")}
         self.cache = ArmKVCache(shape, slots, max_len, dtype, self.device)
@@ -146,12 +158,13 @@ class ArmRuntime:
         max_len: int,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
+        linear: LinearFactory = torch_linear,
     ) -> ArmRuntime:
         from rewardmodel.artifact import arm_weights_for_serving, load_arm
 
         arm = load_arm(Path(base_dir), Path(artifact_dir), dtype=torch.float32)
         shape = ArmShape.from_llama_config(arm.llama_config, tuple(arm.config.attributes))
-        return cls(arm_weights_for_serving(arm), shape, slots, max_len, dtype, device)
+        return cls(arm_weights_for_serving(arm), shape, slots, max_len, dtype, device, linear)
 
     # ------------------------------------------------------------------------------------------- the trunk
     def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -159,16 +172,16 @@ class ArmRuntime:
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    def _fuse(self, i: int) -> dict[str, Tensor]:
-        w, p = self.w, f"layers.{i}."
+    def _fuse(self, i: int) -> dict:
+        w, p, make = self.w, f"layers.{i}.", self.linear
         attn, mlp = p + "self_attn.", p + "mlp."
         return {
             "norm1": w[p + "input_layernorm.weight"],
             "norm2": w[p + "post_attention_layernorm.weight"],
-            "qkv": torch.cat([w[attn + f"{n}_proj.weight"] for n in "qkv"]).T.contiguous(),
-            "o": w[attn + "o_proj.weight"].T.contiguous(),
-            "gate_up": torch.cat([w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]]).T.contiguous(),
-            "down": w[mlp + "down_proj.weight"].T.contiguous(),
+            "qkv": make(torch.cat([w[attn + f"{n}_proj.weight"] for n in "qkv"]).contiguous()),
+            "o": make(w[attn + "o_proj.weight"].contiguous()),
+            "gate_up": make(torch.cat([w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]]).contiguous()),
+            "down": make(w[mlp + "down_proj.weight"].contiguous()),
         }
 
     def _block(self, i: int, x: Tensor, step: _Step) -> Tensor:
@@ -176,7 +189,7 @@ class ArmRuntime:
         s, layer = self.shape, self.layers[i]
         B, T, _ = x.shape
         h = rms_norm(x, layer["norm1"], s.eps)
-        q, k, v = (h @ layer["qkv"]).split(
+        q, k, v = layer["qkv"](h).split(
             [s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], dim=-1
         )
         q = q.view(B, T, s.heads, s.head_dim).transpose(1, 2)
@@ -195,10 +208,10 @@ class ArmRuntime:
             attn = self._decode_attention(q, keys, values, step.mask)
         else:
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
-        x = x + attn.transpose(1, 2).reshape(B, T, s.heads * s.head_dim) @ layer["o"]
+        x = x + layer["o"](attn.transpose(1, 2).reshape(B, T, s.heads * s.head_dim))
         h = rms_norm(x, layer["norm2"], s.eps)
-        gate, up = (h @ layer["gate_up"]).chunk(2, dim=-1)
-        return x + (F.silu(gate) * up) @ layer["down"]
+        gate, up = layer["gate_up"](h).chunk(2, dim=-1)
+        return x + layer["down"](F.silu(gate) * up)
 
     def _decode_attention(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
         """One query per row, grouped-query attention as two small batched products.
