@@ -19,7 +19,7 @@ import torch
 
 from rewardmodel.artifact import arm_weights_for_serving, save_artifact
 from rewardmodel.model import ArmConfig, MultiAttributeARM
-from rewardmodel.runtime import ArmRuntime, ArmShape
+from rewardmodel.runtime import ArmRuntime, ArmShape, torch_linear
 from server.model_prep import prepare_default_model
 from tests.conftest import start_server
 
@@ -62,11 +62,20 @@ def arm_artifact(tmp_path_factory) -> Path:
     return save_artifact(dev_arm(), tmp_path_factory.mktemp("arm") / "arm-dev")
 
 
-def test_runtime_matches_transformers_full_recompute():
-    """Prefill + one-token decode steps in the slot cache give the same log-probs as recomputing everything."""
+def _engine_linear():
+    from server.guided.v1 import engine_linear
+
+    return engine_linear()
+
+
+@pytest.mark.parametrize("linear", ["torch", "engine"])
+def test_runtime_matches_transformers_full_recompute(linear):
+    """Prefill + one-token decode steps in the slot cache give the same log-probs as recomputing everything,
+    with PyTorch's matrix product and with the engine's (the one the server uses)."""
     arm = dev_arm()
     shape = ArmShape.from_llama_config(arm.llama_config, tuple(arm.config.attributes))
-    runtime = ArmRuntime(arm_weights_for_serving(arm), shape, slots=3, max_len=64, dtype=torch.float32)
+    factory = torch_linear if linear == "torch" else _engine_linear()
+    runtime = ArmRuntime(arm_weights_for_serving(arm), shape, 3, 64, torch.float32, "cpu", factory)
     sequences = [[1, 504, 3937, 282, 4649, 314, 253, 1345, 30, 2], [1, 22, 33, 44, 55, 66, 77]]
     for slot, seq in zip((2, 0), sequences, strict=True):  # slots need not be contiguous
         got = [runtime.full_log_probs(runtime.prefill(slot, seq[:4])[None])[0]]
@@ -82,6 +91,12 @@ def test_runtime_matches_transformers_full_recompute():
         want_a = arm.log_probs_from_hidden(arm(torch.tensor([sequences[0] + [5]])))[0, -1]
         want_b = arm.log_probs_from_hidden(arm(torch.tensor([sequences[1] + [6]])))[0, -1]
     assert torch.allclose(a[0], want_a, atol=1e-3) and torch.allclose(a[1], want_b, atol=1e-3)
+    # Consecutive slots (read as a view of the cache rather than gathered) agree too.
+    runtime.prefill(1, sequences[1] + [6])
+    b = runtime.full_log_probs(runtime.decode([0, 1], [7, 7]))
+    with torch.no_grad():
+        want = arm.log_probs_from_hidden(arm(torch.tensor([sequences[1] + [6, 7]])))[0, -1]
+    assert torch.allclose(b[0], want, atol=1e-3) and torch.allclose(b[1], want, atol=1e-3)
 
 
 def test_cache_move_and_swap_keep_rows_intact():
