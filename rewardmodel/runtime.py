@@ -133,7 +133,6 @@ class ArmRuntime:
         linear: LinearFactory = torch_linear,
     ) -> None:
         self.shape = shape
-        self.linear = linear
         self.dtype = dtype
         self.device = torch.device(device)
         self.w = {name: t.to(self.device, dtype) for name, t in weights.items()}
@@ -143,7 +142,7 @@ class ArmRuntime:
         self.head_up = torch.stack([self.w[f"head_adapters.{a}.up"] for a in shape.attributes])
         # Per layer, q/k/v and gate/up fused into one [out, H] matrix each: a decode step on a small batch is
         # dominated by per-op overhead, so 4 matrix products per layer instead of 7, each through ``linear``.
-        self.layers = [self._fuse(i) for i in range(shape.num_layers)]
+        self.layers = [self._fuse(i, linear) for i in range(shape.num_layers)]
         self.w = {name: t for name, t in self.w.items() if not name.startswith("layers.")}
         self.cache = ArmKVCache(shape, slots, max_len, dtype, self.device)
         half = torch.arange(0, shape.head_dim, 2, dtype=torch.float32, device=self.device)
@@ -172,8 +171,8 @@ class ArmRuntime:
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    def _fuse(self, i: int) -> dict:
-        w, p, make = self.w, f"layers.{i}.", self.linear
+    def _fuse(self, i: int, make: LinearFactory) -> dict:
+        w, p = self.w, f"layers.{i}."
         attn, mlp = p + "self_attn.", p + "mlp."
         return {
             "norm1": w[p + "input_layernorm.weight"],
@@ -234,9 +233,9 @@ class ArmRuntime:
         B, T = tokens.shape
         start = self.cache.lengths[slots]  # [B]
         positions = start[:, None] + torch.arange(T, device=self.device)  # [B, T]
-        if int(positions.max()) >= self.cache.max_len:
+        attend_len = int(positions.max()) + 1  # one read of the longest row
+        if attend_len > self.cache.max_len:
             raise ValueError(f"ARM cache full: a sequence exceeds {self.cache.max_len} tokens")
-        attend_len = int(positions.max()) + 1
         key_pos = torch.arange(attend_len, device=self.device)
         first = int(slots[0])
         consecutive = bool(torch.equal(slots, torch.arange(first, first + B, device=self.device)))
