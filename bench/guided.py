@@ -142,16 +142,26 @@ def reference_tok_s(
 
 
 def arm_ms_per_token(
-    contexts: tuple[int, ...] = (32, 512), batch: int = 16, steps: int = 8
+    contexts: tuple[int, ...] = (32, 512), batch: int = 16, steps: int = 24
 ) -> dict[str, float]:
-    """Wall time of the ARM runtime's decode step per row, with every row at a given context length."""
+    """Wall time of the ARM runtime's decode step per row, with every row at a given context length.
+
+    The median step, not the mean: on a shared machine one preempted step would otherwise move the figure.
+    """
     from rewardmodel.runtime import ArmRuntime
     from server.guided.config import DEFAULT_ARM_ARTIFACT
-    from server.guided.v1 import engine_linear
+    from server.guided.v1 import engine_attention, engine_linear
     from server.model_prep import prepare_default_model
 
-    runtime = ArmRuntime.from_artifact(  # as the server builds it: with the engine's matrix product
-        prepare_default_model(), DEFAULT_ARM_ARTIFACT, batch, 1024, torch.bfloat16, "cpu", engine_linear()
+    runtime = ArmRuntime.from_artifact(  # as the server builds it: with the engine's kernels
+        prepare_default_model(),
+        DEFAULT_ARM_ARTIFACT,
+        batch,
+        1024,
+        torch.bfloat16,
+        "cpu",
+        engine_linear(),
+        engine_attention(),
     )
     rng = random.Random(0)
     result = {}
@@ -161,11 +171,13 @@ def arm_ms_per_token(
         slots = list(range(batch))
         cand = torch.randint(0, runtime.shape.vocab, (batch, 256))
         runtime.decode(slots, [5] * batch)  # warm-up
-        start = time.perf_counter()
+        times = []
         for _ in range(steps):
+            start = time.perf_counter()
             h = runtime.decode(slots, [rng.randrange(1000, 40000) for _ in slots])
             runtime.candidate_log_probs(h, cand)
-        result[str(context)] = round((time.perf_counter() - start) * 1000 / (steps * batch), 3)
+            times.append(time.perf_counter() - start)
+        result[str(context)] = round(statistics.median(times) * 1000 / batch, 3)
     return result
 
 

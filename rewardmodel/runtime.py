@@ -6,6 +6,9 @@ preallocated KV cache; its prompt is prefilled once, then every step feeds only 
 are evaluated on a small candidate set per row (the base model's top-k), so one step costs the trunk on one
 token per row plus ``(attributes + 1) x k`` dot products.
 
+The matrix product and the attention are injectable (``linear=``, ``attention=``): the defaults are plain PyTorch
+and run on any device; the vLLM adapter passes the engine's own CPU kernels (``server/guided/v1.py``).
+
 Weights come from ``rewardmodel.artifact.arm_weights_for_serving`` (LoRA already merged into the trunk).
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -51,37 +55,43 @@ class ArmShape:
 
 
 class ArmKVCache:
-    """Keys and values of every slot: ``[layers, slots, kv_heads, max_len, head_dim]`` plus a length per slot."""
+    """Keys and values of every slot, one block per slot in the layout of vLLM's paged CPU attention.
+
+    Per layer ``[slots, kv_heads, 2 * max_len, head_dim]``: a slot's keys, then its values. How the key half is laid
+    out inside is the attention implementation's business (vLLM's kernel packs it), so slots are moved whole.
+    """
 
     def __init__(
         self, shape: ArmShape, slots: int, max_len: int, dtype: torch.dtype, device: torch.device
     ) -> None:
-        size = (shape.num_layers, slots, shape.kv_heads, max_len, shape.head_dim)
-        self.k = torch.zeros(size, dtype=dtype, device=device)
-        self.v = torch.zeros(size, dtype=dtype, device=device)
+        self.kv = torch.zeros(
+            (shape.num_layers, slots, shape.kv_heads, 2 * max_len, shape.head_dim), dtype=dtype, device=device
+        )
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.shape = shape
         self.max_len = max_len
 
     @property
     def slots(self) -> int:
         return self.lengths.numel()
 
+    def keys(self, layer: int) -> Tensor:
+        """``[slots, kv_heads, max_len, head_dim]`` view of one layer's keys."""
+        return self.kv[layer, :, :, : self.max_len]
+
+    def values(self, layer: int) -> Tensor:
+        return self.kv[layer, :, :, self.max_len :]
+
     def free(self, slot: int) -> None:
         self.lengths[slot] = 0
 
     def move(self, src: int, dst: int) -> None:
-        n = int(self.lengths[src])
-        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
-        self.lengths[dst] = n
+        self.kv[:, dst] = self.kv[:, src]
+        self.lengths[dst] = self.lengths[src]
         self.lengths[src] = 0
 
     def swap(self, a: int, b: int) -> None:
-        n = int(max(self.lengths[a], self.lengths[b]))
-        for t in (self.k, self.v):
-            tmp = t[:, a, :, :n].clone()
-            t[:, a, :, :n] = t[:, b, :, :n]
-            t[:, b, :, :n] = tmp
+        self.kv[:, [a, b]] = self.kv[:, [b, a]]
         self.lengths[[a, b]] = self.lengths[[b, a]]
 
 
@@ -100,11 +110,76 @@ class _Step:
 
     slots: Tensor  # [B] cache slot of each row
     positions: Tensor  # [B, T] position of each new token
-    cache_rows: slice | Tensor  # how to read the rows' cache entries (a view when the slots are consecutive)
-    attend_len: int  # keys to attend over: the longest row's length after this pass
-    mask: Tensor  # [B, 1, T, attend_len] causal mask, each row up to its own length
-    cos: Tensor  # [B, 1, T, D] rotary tables
+    cos: Tensor  # [B, T, 1, D] rotary tables
     sin: Tensor
+    plan: object = None  # the attention implementation's per-pass bookkeeping, built once for all layers
+
+
+class TorchAttention:
+    """Attention in plain PyTorch, on any device: SDPA for prompts, two grouped products for one-token steps.
+
+    Keys and values are written position by position into the cache's natural ``[..., position, head_dim]``
+    layout. An engine may pass its own kernel instead (``server/guided``), with the same interface.
+    """
+
+    length_multiple = 1  # cache lengths this implementation needs (a paged kernel wants whole blocks)
+
+    def plan(self, cache: ArmKVCache, slots: Tensor, positions: Tensor) -> dict:
+        B = slots.numel()
+        attend_len = int(positions.max()) + 1  # one read of the longest row
+        first = int(slots[0])
+        consecutive = bool(torch.equal(slots, torch.arange(first, first + B, device=slots.device)))
+        key_pos = torch.arange(attend_len, device=slots.device)
+        return {
+            # Consecutive slots (the usual batch) are read as a view of the cache, others are gathered.
+            "rows": slice(first, first + B) if consecutive else slots,
+            "attend_len": attend_len,
+            "mask": (key_pos[None, None, :] <= positions[:, :, None])[:, None],  # [B, 1, T, attend_len]
+        }
+
+    def __call__(self, cache: ArmKVCache, layer: int, step: _Step, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Store ``k``/``v`` [B, T, kv_heads, D], attend with ``q`` [B, T, heads, D]; returns [B, T, heads * D]."""
+        B, T, heads, D = q.shape
+        keys, values, plan = cache.keys(layer), cache.values(layer), step.plan
+        rows = step.slots[:, None].expand(B, T)
+        keys[rows, :, step.positions] = k
+        values[rows, :, step.positions] = v
+        keys = keys[plan["rows"], :, : plan["attend_len"]]
+        values = values[plan["rows"], :, : plan["attend_len"]]
+        if T == 1:
+            out = self._decode(q, keys, values, plan["mask"])
+        else:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, attn_mask=plan["mask"], enable_gqa=True
+            ).transpose(1, 2)
+        return out.reshape(B, T, heads * D)
+
+    @staticmethod
+    def _decode(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+        """One query per row, grouped-query attention as two small batched products.
+
+        CPU SDPA kernels are built for long queries; for a single one they cost several times these products.
+        Keys and values are packed first: a batched product over a strided view of the cache takes a slow path,
+        the packing copy costs less. Only the [B, heads, L] scores are softmaxed in float32.
+        """
+        B, _, heads, D = q.shape
+        kv = keys.shape[1]
+        grouped = q.reshape(B, kv, heads // kv, D) * D**-0.5  # query head j reads key/value head j // group
+        scores = (grouped @ keys.contiguous().transpose(-1, -2)).float()  # [B, kv, group, L]
+        scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, 1, L]
+        return torch.softmax(scores, dim=-1).to(values.dtype) @ values.contiguous()  # [B, kv, group, D]
+
+
+class Attention(Protocol):
+    """Stores a layer's new keys/values in the cache and attends over each row's prefix (see TorchAttention)."""
+
+    length_multiple: int
+
+    def plan(self, cache: ArmKVCache, slots: Tensor, positions: Tensor) -> object: ...
+
+    def __call__(
+        self, cache: ArmKVCache, layer: int, step: _Step, q: Tensor, k: Tensor, v: Tensor
+    ) -> Tensor: ...
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -131,6 +206,7 @@ class ArmRuntime:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
         linear: LinearFactory = torch_linear,
+        attention: Attention | None = None,
     ) -> None:
         self.shape = shape
         self.dtype = dtype
@@ -144,7 +220,10 @@ class ArmRuntime:
         # dominated by per-op overhead, so 4 matrix products per layer instead of 7, each through ``linear``.
         self.layers = [self._fuse(i, linear) for i in range(shape.num_layers)]
         self.w = {name: t for name, t in self.w.items() if not name.startswith("layers.")}
-        self.cache = ArmKVCache(shape, slots, max_len, dtype, self.device)
+        self.attention = attention or TorchAttention()
+        self.max_len = max_len
+        multiple = self.attention.length_multiple  # the cache itself may be longer than max_len
+        self.cache = ArmKVCache(shape, slots, -(-max_len // multiple) * multiple, dtype, self.device)
         half = torch.arange(0, shape.head_dim, 2, dtype=torch.float32, device=self.device)
         self.inv_freq = 1.0 / (shape.rope_theta ** (half / shape.head_dim))
 
@@ -158,12 +237,14 @@ class ArmRuntime:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
         linear: LinearFactory = torch_linear,
+        attention: Attention | None = None,
     ) -> ArmRuntime:
         from rewardmodel.artifact import arm_weights_for_serving, load_arm
 
         arm = load_arm(Path(base_dir), Path(artifact_dir), dtype=torch.float32)
         shape = ArmShape.from_llama_config(arm.llama_config, tuple(arm.config.attributes))
-        return cls(arm_weights_for_serving(arm), shape, slots, max_len, dtype, device, linear)
+        weights = arm_weights_for_serving(arm)
+        return cls(weights, shape, slots, max_len, dtype, device, linear, attention)
 
     # ------------------------------------------------------------------------------------------- the trunk
     def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -191,41 +272,15 @@ class ArmRuntime:
         q, k, v = layer["qkv"](h).split(
             [s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], dim=-1
         )
-        q = q.view(B, T, s.heads, s.head_dim).transpose(1, 2)
-        k = k.view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)
-        v = v.view(B, T, s.kv_heads, s.head_dim).transpose(1, 2)
+        q = q.view(B, T, s.heads, s.head_dim)
+        k = k.view(B, T, s.kv_heads, s.head_dim)
         q = q * step.cos + rotate_half(q) * step.sin
         k = k * step.cos + rotate_half(k) * step.sin
-        # Write the new keys/values into each row's slot, then attend over the slot's whole prefix.
-        cache_k, cache_v = self.cache.k[i], self.cache.v[i]
-        rows = step.slots[:, None].expand(B, T)
-        cache_k[rows, :, step.positions] = k.transpose(1, 2)
-        cache_v[rows, :, step.positions] = v.transpose(1, 2)
-        keys = cache_k[step.cache_rows, :, : step.attend_len]
-        values = cache_v[step.cache_rows, :, : step.attend_len]
-        if T == 1:
-            attn = self._decode_attention(q, keys, values, step.mask)
-        else:
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
-        x = x + layer["o"](attn.transpose(1, 2).reshape(B, T, s.heads * s.head_dim))
+        attn = self.attention(self.cache, i, step, q, k, v.view(B, T, s.kv_heads, s.head_dim))
+        x = x + layer["o"](attn)
         h = rms_norm(x, layer["norm2"], s.eps)
         gate, up = layer["gate_up"](h).chunk(2, dim=-1)
         return x + layer["down"](F.silu(gate) * up)
-
-    def _decode_attention(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-        """One query per row, grouped-query attention as two small batched products.
-
-        CPU SDPA kernels are built for long queries; for a single one they cost several times these products.
-        Keys and values are packed first: a batched product over a strided view of the cache takes a slow path,
-        the packing copy costs less. Only the [B, heads, L] scores are softmaxed in float32.
-        """
-        B, heads, _, D = q.shape
-        kv = keys.shape[1]
-        grouped = q.reshape(B, kv, heads // kv, D) * D**-0.5  # query head j reads key/value head j // group
-        scores = (grouped @ keys.contiguous().transpose(-1, -2)).float()  # [B, kv, group, L]
-        scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, 1, L]
-        out = torch.softmax(scores, dim=-1).to(values.dtype) @ values.contiguous()  # [B, kv, group, D]
-        return out.reshape(B, heads, 1, D)
 
     @torch.inference_mode()
     def _run(self, slots: Tensor, tokens: Tensor) -> Tensor:
@@ -233,23 +288,11 @@ class ArmRuntime:
         B, T = tokens.shape
         start = self.cache.lengths[slots]  # [B]
         positions = start[:, None] + torch.arange(T, device=self.device)  # [B, T]
-        attend_len = int(positions.max()) + 1  # one read of the longest row
-        if attend_len > self.cache.max_len:
-            raise ValueError(f"ARM cache full: a sequence exceeds {self.cache.max_len} tokens")
-        key_pos = torch.arange(attend_len, device=self.device)
-        first = int(slots[0])
-        consecutive = bool(torch.equal(slots, torch.arange(first, first + B, device=self.device)))
+        if int(positions.max()) >= self.max_len:
+            raise ValueError(f"ARM cache full: a sequence exceeds {self.max_len} tokens")
         cos, sin = self._rope(positions)  # [B, T, D], shared by every layer
-        step = _Step(
-            slots=slots,
-            positions=positions,
-            # Consecutive slots (the usual batch) are read as a view of the cache, others are gathered.
-            cache_rows=slice(first, first + B) if consecutive else slots,
-            attend_len=attend_len,
-            mask=(key_pos[None, None, :] <= positions[:, :, None])[:, None],  # [B, 1, T, attend_len]
-            cos=cos[:, None],
-            sin=sin[:, None],
-        )
+        step = _Step(slots=slots, positions=positions, cos=cos[:, :, None], sin=sin[:, :, None])
+        step.plan = self.attention.plan(self.cache, slots, positions)
         x = F.embedding(tokens, self.w["embed_tokens.weight"])
         for i in range(self.shape.num_layers):
             x = self._block(i, x, step)

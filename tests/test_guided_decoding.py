@@ -19,7 +19,7 @@ import torch
 
 from rewardmodel.artifact import arm_weights_for_serving, save_artifact
 from rewardmodel.model import ArmConfig, MultiAttributeARM
-from rewardmodel.runtime import ArmRuntime, ArmShape, torch_linear
+from rewardmodel.runtime import ArmRuntime, ArmShape, TorchAttention, torch_linear
 from server.model_prep import prepare_default_model
 from tests.conftest import start_server
 
@@ -62,20 +62,27 @@ def arm_artifact(tmp_path_factory) -> Path:
     return save_artifact(dev_arm(), tmp_path_factory.mktemp("arm") / "arm-dev")
 
 
-def _engine_linear():
-    from server.guided.v1 import engine_linear
+def _kernels(kind: str) -> tuple:
+    """(matrix product, attention) of PyTorch or of the engine (the ones the server uses)."""
+    if kind == "torch":
+        return torch_linear, TorchAttention()
+    from server.guided.v1 import engine_attention, engine_linear
 
-    return engine_linear()
+    return engine_linear(), engine_attention()
 
 
-@pytest.mark.parametrize("linear", ["torch", "engine"])
-def test_runtime_matches_transformers_full_recompute(linear):
+@pytest.mark.parametrize("kernels", ["torch", "engine"])
+def test_runtime_matches_transformers_full_recompute(kernels):
     """Prefill + one-token decode steps in the slot cache give the same log-probs as recomputing everything,
-    with PyTorch's matrix product and with the engine's (the one the server uses)."""
+    with PyTorch's kernels and with the engine's (vLLM's CPU matrix product and paged attention)."""
     arm = dev_arm()
     shape = ArmShape.from_llama_config(arm.llama_config, tuple(arm.config.attributes))
-    factory = torch_linear if linear == "torch" else _engine_linear()
-    runtime = ArmRuntime(arm_weights_for_serving(arm), shape, 3, 64, torch.float32, "cpu", factory)
+    # max_len 50 is not a whole number of the engine's 32-position blocks: the cache rounds itself up.
+    runtime = ArmRuntime(arm_weights_for_serving(arm), shape, 3, 50, torch.float32, "cpu", *_kernels(kernels))
+
+    def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+        return torch.allclose(got, want, atol=1e-3)
+
     sequences = [[1, 504, 3937, 282, 4649, 314, 253, 1345, 30, 2], [1, 22, 33, 44, 55, 66, 77]]
     for slot, seq in zip((2, 0), sequences, strict=True):  # slots need not be contiguous
         got = [runtime.full_log_probs(runtime.prefill(slot, seq[:4])[None])[0]]
@@ -84,25 +91,26 @@ def test_runtime_matches_transformers_full_recompute(linear):
         with torch.no_grad():
             want = arm.log_probs_from_hidden(arm(torch.tensor([seq])))[0]
         for step, lp in enumerate(got):
-            assert torch.allclose(lp, want[3 + step], atol=1e-3), step
+            assert close(lp, want[3 + step]), step
     # Both rows in one batched decode step agree with their single-row results.
     a = runtime.full_log_probs(runtime.decode([2, 0], [5, 6]))
     with torch.no_grad():
         want_a = arm.log_probs_from_hidden(arm(torch.tensor([sequences[0] + [5]])))[0, -1]
         want_b = arm.log_probs_from_hidden(arm(torch.tensor([sequences[1] + [6]])))[0, -1]
-    assert torch.allclose(a[0], want_a, atol=1e-3) and torch.allclose(a[1], want_b, atol=1e-3)
+    assert close(a[0], want_a) and close(a[1], want_b)
     # Consecutive slots (read as a view of the cache rather than gathered) agree too.
     runtime.prefill(1, sequences[1] + [6])
     b = runtime.full_log_probs(runtime.decode([0, 1], [7, 7]))
     with torch.no_grad():
         want = arm.log_probs_from_hidden(arm(torch.tensor([sequences[1] + [6, 7]])))[0, -1]
-    assert torch.allclose(b[0], want, atol=1e-3) and torch.allclose(b[1], want, atol=1e-3)
+    assert close(b[0], want) and close(b[1], want)
 
 
-def test_cache_move_and_swap_keep_rows_intact():
+@pytest.mark.parametrize("kernels", ["torch", "engine"])
+def test_cache_move_and_swap_keep_rows_intact(kernels):
     arm = dev_arm()
     shape = ArmShape.from_llama_config(arm.llama_config, tuple(arm.config.attributes))
-    runtime = ArmRuntime(arm_weights_for_serving(arm), shape, slots=4, max_len=32, dtype=torch.float32)
+    runtime = ArmRuntime(arm_weights_for_serving(arm), shape, 4, 32, torch.float32, "cpu", *_kernels(kernels))
     runtime.prefill(0, [1, 2, 3])
     runtime.prefill(1, [1, 9, 8, 7, 6])
     runtime.cache.swap(0, 1)

@@ -48,6 +48,87 @@ def engine_linear():
     return make
 
 
+class VllmCpuAttention:
+    """The ARM's attention through vLLM's own paged CPU attention kernels (the ones serving the base model).
+
+    Each cache slot is one vLLM block of ``max_len`` positions, so the block table is just the slot number. One
+    fused kernel reads every row's keys and values once; the PyTorch path packs them first, which made a step's cost
+    grow with the context (`python -m bench.guided` reports ARM ms per token at 32 and 512 tokens).
+    """
+
+    length_multiple = 32  # the kernels' block sizes
+
+    def __init__(self) -> None:
+        from vllm import _custom_ops as ops
+
+        self.ops = ops
+
+    def plan(self, cache, slots: torch.Tensor, positions: torch.Tensor) -> dict:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        B, T = positions.shape
+        shape, dtype = cache.shape, cache.kv.dtype
+        isa = _get_attn_isa(dtype, cache.max_len, shape.head_dim)
+        seq_lens = (positions[:, -1] + 1).to(torch.int32)
+        query_start = torch.arange(B + 1, dtype=torch.int32) * T
+        return {
+            "isa": isa,
+            "seq_lens": seq_lens,
+            "query_start": query_start,
+            "block_table": slots.to(torch.int32)[:, None],
+            "slot_mapping": (slots[:, None] * cache.max_len + positions).reshape(-1),
+            # How the kernel splits the rows over threads, shared by every layer of the pass.
+            "metadata": self.ops.cpu_attn_get_scheduler_metadata(
+                B,
+                shape.heads,
+                shape.kv_heads,
+                shape.head_dim,
+                seq_lens,
+                dtype,
+                query_start,
+                True,
+                -1,
+                isa,
+                False,
+            ),
+        }
+
+    def __call__(self, cache, layer: int, step, q, k, v) -> torch.Tensor:
+        B, T, heads, D = q.shape
+        plan, ops = step.plan, self.ops
+        keys, values = cache.keys(layer), cache.values(layer)
+        ops.cpu_attn_reshape_and_cache(
+            k.reshape(B * T, -1, D), v.reshape(B * T, -1, D), keys, values, plan["slot_mapping"], plan["isa"]
+        )
+        out = torch.empty(B * T, heads, D, dtype=q.dtype)
+        ops.cpu_attention_with_kv_cache(
+            q.reshape(B * T, heads, D),
+            keys,
+            values,
+            out,
+            plan["query_start"],
+            plan["seq_lens"],
+            D**-0.5,
+            True,
+            None,
+            -1,
+            plan["block_table"],
+            0.0,
+            plan["metadata"],
+            None,
+        )
+        return out.view(B, T, heads * D)
+
+
+def engine_attention():
+    """vLLM's CPU attention kernels on the CPU; elsewhere PyTorch's attention (``TorchAttention``)."""
+    from vllm.platforms import current_platform
+
+    from rewardmodel.runtime import TorchAttention
+
+    return VllmCpuAttention() if current_platform.is_cpu() else TorchAttention()
+
+
 class ProsocialLogitsProcessor(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params) -> None:
@@ -79,6 +160,7 @@ class ProsocialLogitsProcessor(LogitsProcessor):
                 dtype,
                 device,
                 engine_linear(),
+                engine_attention(),
             )
 
         self.scorer = LexicographicScorer(
