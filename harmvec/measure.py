@@ -106,17 +106,21 @@ def run_request(request: MeasureRequest) -> MeasureResult:
         seed=request.seed,
     )
     timings["engine_start"] = time.monotonic() - started
+    try:
+        started = time.monotonic()
+        params = SamplingParams(temperature=0.0, max_tokens=request.max_tokens)
+        prompts = request.harmful_prompts + request.safe_prompts
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+        texts = [output.outputs[0].text for output in outputs]
+        timings["generate"] = time.monotonic() - started
 
-    started = time.monotonic()
-    params = SamplingParams(temperature=0.0, max_tokens=request.max_tokens)
-    conversations = [[{"role": "user", "content": p}] for p in request.harmful_prompts + request.safe_prompts]
-    outputs = llm.chat(conversations, params, use_tqdm=False)
-    texts = [output.outputs[0].text for output in outputs]
-    timings["generate"] = time.monotonic() - started
-
-    started = time.monotonic()
-    perplexity, tokens = _perplexity(llm, request)
-    timings["perplexity"] = time.monotonic() - started
+        started = time.monotonic()
+        perplexity, tokens = _perplexity(llm, request)
+        timings["perplexity"] = time.monotonic() - started
+    finally:
+        # Stop the engine process now: left to interpreter teardown, it sometimes aborted this process
+        # ("terminate called without an active exception") after the result was complete.
+        llm.llm_engine.engine_core.shutdown()
     n_harmful = len(request.harmful_prompts)
     return MeasureResult(texts[:n_harmful], texts[n_harmful:], perplexity, tokens, timings)
 
