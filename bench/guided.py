@@ -150,7 +150,7 @@ def arm_ms_per_token(
     """
     from rewardmodel.runtime import ArmRuntime
     from server.guided.config import DEFAULT_ARM_ARTIFACT
-    from server.guided.v1 import engine_attention, engine_linear
+    from server.guided.v1 import engine_kernels
     from server.model_prep import prepare_default_model
 
     runtime = ArmRuntime.from_artifact(  # as the server builds it: with the engine's kernels
@@ -160,8 +160,7 @@ def arm_ms_per_token(
         1024,
         torch.bfloat16,
         "cpu",
-        engine_linear(),
-        engine_attention(),
+        *engine_kernels(),
     )
     rng = random.Random(0)
     result = {}

@@ -66,9 +66,9 @@ def _kernels(kind: str) -> tuple:
     """(matrix product, attention) of PyTorch or of the engine (the ones the server uses)."""
     if kind == "torch":
         return torch_linear, TorchAttention()
-    from server.guided.v1 import engine_attention, engine_linear
+    from server.guided.v1 import engine_kernels
 
-    return engine_linear(), engine_attention()
+    return engine_kernels()
 
 
 @pytest.mark.parametrize("kernels", ["torch", "engine"])

@@ -7,6 +7,8 @@ the batch changes before every step, then ``apply`` with the step's logits. Requ
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
@@ -25,27 +27,15 @@ def guidance_spec(sampling_params) -> dict | None:
     return spec
 
 
-def engine_linear():
-    """The matrix product vLLM uses for the base model's layers on this platform, for the ARM's trunk.
-
-    On the CPU that is oneDNN with prepacked weights (1.5-2.5x PyTorch's product at the ARM's sizes); elsewhere
-    PyTorch's own product is already the engine's.
-    """
-    from vllm.platforms import current_platform
-
-    from rewardmodel.runtime import torch_linear
-
-    if not current_platform.is_cpu():
-        return torch_linear
+def _cpu_linear(weight: torch.Tensor):
+    """vLLM's CPU matrix product for the base model's layers: oneDNN with prepacked weights (1.5-2.5x PyTorch's
+    product at the ARM's sizes)."""
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-    def make(weight: torch.Tensor):
-        layer = torch.nn.Module()
-        layer.weight = torch.nn.Parameter(weight, requires_grad=False)
-        dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
-        return lambda x: layer.cpu_linear(x, layer.weight, None)
-
-    return make
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+    return lambda x: layer.cpu_linear(x, layer.weight, None)
 
 
 class VllmCpuAttention:
@@ -60,15 +50,15 @@ class VllmCpuAttention:
 
     def __init__(self) -> None:
         from vllm import _custom_ops as ops
-
-        self.ops = ops
-
-    def plan(self, cache, slots: torch.Tensor, positions: torch.Tensor) -> dict:
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
+        self.ops = ops
+        self._isa = functools.cache(_get_attn_isa)  # fixed per cache: looked up once, not every step
+
+    def plan(self, cache, slots: torch.Tensor, positions: torch.Tensor) -> dict:
         B, T = positions.shape
         shape, dtype = cache.shape, cache.kv.dtype
-        isa = _get_attn_isa(dtype, cache.max_len, shape.head_dim)
+        isa = self._isa(dtype, cache.max_len, shape.head_dim)
         seq_lens = (positions[:, -1] + 1).to(torch.int32)
         query_start = torch.arange(B + 1, dtype=torch.int32) * T
         return {
@@ -91,6 +81,8 @@ class VllmCpuAttention:
                 isa,
                 False,
             ),
+            # One output buffer for every layer: each layer's output projection reads it before the next writes.
+            "out": torch.empty(B * T, shape.heads, shape.head_dim, dtype=dtype),
         }
 
     def __call__(self, cache, layer: int, step, q, k, v) -> torch.Tensor:
@@ -100,12 +92,11 @@ class VllmCpuAttention:
         ops.cpu_attn_reshape_and_cache(
             k.reshape(B * T, -1, D), v.reshape(B * T, -1, D), keys, values, plan["slot_mapping"], plan["isa"]
         )
-        out = torch.empty(B * T, heads, D, dtype=q.dtype)
         ops.cpu_attention_with_kv_cache(
             q.reshape(B * T, heads, D),
             keys,
             values,
-            out,
+            plan["out"],
             plan["query_start"],
             plan["seq_lens"],
             D**-0.5,
@@ -117,16 +108,21 @@ class VllmCpuAttention:
             plan["metadata"],
             None,
         )
-        return out.view(B, T, heads * D)
+        return plan["out"].view(B, T, heads * D)
 
 
-def engine_attention():
-    """vLLM's CPU attention kernels on the CPU; elsewhere PyTorch's attention (``TorchAttention``)."""
+def engine_kernels() -> tuple:
+    """The (matrix product, attention) the engine uses on this platform, for the ARM's trunk.
+
+    On the CPU, vLLM's own kernels; elsewhere PyTorch's, which already are the engine's.
+    """
     from vllm.platforms import current_platform
 
-    from rewardmodel.runtime import TorchAttention
+    from rewardmodel.runtime import TorchAttention, torch_linear
 
-    return VllmCpuAttention() if current_platform.is_cpu() else TorchAttention()
+    if current_platform.is_cpu():
+        return _cpu_linear, VllmCpuAttention()
+    return torch_linear, TorchAttention()
 
 
 class ProsocialLogitsProcessor(LogitsProcessor):
@@ -159,8 +155,7 @@ class ProsocialLogitsProcessor(LogitsProcessor):
                 config.max_len,
                 dtype,
                 device,
-                engine_linear(),
-                engine_attention(),
+                *engine_kernels(),
             )
 
         self.scorer = LexicographicScorer(
