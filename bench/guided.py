@@ -36,12 +36,12 @@ from bench.common import (
     REPO,
     ServerProcess,
     bench_prompts,
-    free_port,
     machine,
     ours_command,
     run_load,
     write_report,
 )
+from evals.launcher import free_port
 from rewardmodel.attributes import PROSOCIAL_ATTRIBUTES
 
 SHARED_PREFS = {

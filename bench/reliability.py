@@ -38,7 +38,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import REPO, ServerProcess, bench_prompts, free_port, machine, ours_command, write_report
+from bench.common import REPO, ServerProcess, bench_prompts, machine, ours_command, write_report
+from evals.launcher import free_port
 from rewardmodel.attributes import PROSOCIAL_ATTRIBUTES
 
 DEFAULT_REPORT = REPO / "reports" / "reliability.json"

@@ -22,13 +22,13 @@ from bench.common import (
     REPO,
     ServerProcess,
     bench_prompts,
-    free_port,
     machine,
     ours_command,
     run_load,
     vllm_serve_command,
     write_report,
 )
+from evals.launcher import free_port
 
 ENGINE_FLAGS = {"dtype": "bfloat16", "max_model_len": 2048, "max_num_seqs": 64, "kv_cache_gib": 1.0}
 

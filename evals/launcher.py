@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -99,10 +100,22 @@ def load_compare_config(
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS reports free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768+), for a server started a few seconds later.
+
+    A port the OS picks itself (bind to port 0) comes from the ephemeral range, and the OS can give it to another
+    socket (vLLM's ZeroMQ sockets, an outgoing connection) before the server binds it; below that range only
+    explicit binds take ports.
+    """
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between 20000 and 32000 on {host}")
 
 
 def prosocial_executable() -> str:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Iterator
 
 import uvicorn
@@ -48,9 +49,28 @@ async def _watch_engine(engine, server: uvicorn.Server, outcome: dict) -> None:
         await asyncio.sleep(0.5)
 
 
+def bind_listening_socket(host: str, port: int) -> socket.socket:
+    """Claim the HTTP port before the engine starts, so nothing the engine opens (vLLM's ZeroMQ sockets take free
+    ports) can take it in the seconds start-up lasts, and a port in use fails at once with a message naming it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(
+            f"prosocial serve: argument --port: cannot listen on {host}:{port}: {exc.strerror}"
+        ) from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
 async def run_server(settings: ServerSettings, log_level: str = "info") -> int:
     from transformers import AutoTokenizer
 
+    listener = bind_listening_socket(settings.host, settings.port)
     model = resolve_model(settings)
     tokenizer = AutoTokenizer.from_pretrained(model.path)
     builder = RequestBuilder(settings, tokenizer, model.name, str(model.path))
@@ -106,8 +126,9 @@ async def run_server(settings: ServerSettings, log_level: str = "info") -> int:
     try:
         loop.add_signal_handler(signal.SIGTERM, drain)
         loop.add_signal_handler(signal.SIGINT, drain)
-        await server.serve()
+        await server.serve(sockets=[listener])
     finally:
+        listener.close()
         watcher.cancel()
         if settings.guidance:
             builder.telemetry.close()

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,7 +22,7 @@ import pytest
 
 from bench.common import ServerProcess
 from server.runner import EXIT_ENGINE_DEAD
-from tests.conftest import LiveServer, start_server
+from tests.conftest import REPO, LiveServer, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -193,3 +196,24 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(tmp_path):
             assert "length" not in endless.finish_reasons()
     finally:
         server.stop()
+
+
+def test_port_in_use_fails_at_once_naming_the_flag():
+    """The HTTP port is claimed before the engine starts: a taken port is a CLI error, not a crash after start-up."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode != 0
+    assert f"argument --port: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "vLLM" not in result.stderr and "EngineCore" not in result.stderr  # no engine was started
+    assert time.monotonic() - started < 60
