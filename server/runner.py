@@ -63,7 +63,6 @@ def bind_listening_socket(host: str, port: int) -> socket.socket:
             f"prosocial serve: argument --port: cannot listen on {host}:{port}: {exc.strerror}"
         ) from None
     sock.listen(2048)
-    sock.set_inheritable(True)
     return sock
 
 
