@@ -3,7 +3,8 @@
 * ``refusal``: ``{"refused": bool}`` (keyword criterion of Zou et al. 2023, XSTest string match);
 * ``harm``: ``{"harmful": bool | None, ...}`` (the trained harm classifier, an LLM judge);
 * ``tone``: VADER sentiment scores;
-* ``attributes``: the ARM's per-attribute rewards.
+* ``attributes``: the ARM's per-attribute rewards;
+* ``degeneration``: generation loops and canned replies (``evals.degeneration``).
 
 A judge scores a whole batch at once: ``score(prompts, responses) -> list[dict]``.
 """
@@ -16,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from evals.degeneration import DegenerationJudge
 from evals.refusal import is_refusal_keyword, xstest_strmatch_label
 
 REFUSAL = "refusal"
 HARM = "harm"
 TONE = "tone"
 ATTRIBUTES = "attributes"
+DEGENERATION = DegenerationJudge.kind
 
 
 class Judge(Protocol):
@@ -211,7 +214,7 @@ class LLMHarmJudge:
         return asyncio.run(self._score_async(prompts, responses))
 
 
-DEFAULT_JUDGES = ("keyword_zou2023", "strmatch_xstest", "harm_tfidf_lr", "vader", "arm")
+DEFAULT_JUDGES = ("keyword_zou2023", "strmatch_xstest", "harm_tfidf_lr", "vader", "arm", "degeneration")
 KNOWN_JUDGES = DEFAULT_JUDGES + ("llm",)
 
 
@@ -240,6 +243,8 @@ def build_judges(
             judges.append(HarmClassifierJudge(harm_judge_path))
         elif name == "vader":
             judges.append(VaderJudge())
+        elif name == "degeneration":
+            judges.append(DegenerationJudge())
         elif name == "arm":
             try:
                 judges.append(ArmScorer())
