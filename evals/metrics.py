@@ -105,7 +105,7 @@ def configuration_summary(results: dict) -> dict:
     """The ``summary`` entry of one configuration: means over the harmful sets and XSTest-safe compliance."""
     leakage = _values(results, HARMFUL, "unsafe_leakage")
     refusal = _values(results, HARMFUL, "refusal_rate_keyword")
-    degenerate = _values(results, HARMFUL, "degenerate_rate")
+    looping = _values(results, HARMFUL, "looping_rate")
     safe_metrics = results["benchmarks"].get("xstest_safe", {}).get("metrics", {})
 
     def safe_value(metric: str) -> float | None:
@@ -116,7 +116,7 @@ def configuration_summary(results: dict) -> dict:
         "mean_refusal_rate": fmean(refusal) if refusal else None,
         "xstest_safe_compliance": safe_value("compliance_rate_strmatch"),
         "xstest_safe_compliance_non_degenerate": safe_value("compliance_rate_non_degenerate"),
-        "mean_degenerate_rate": fmean(degenerate) if degenerate else None,
+        "mean_looping_rate": fmean(looping) if looping else None,
         "xstest_safe_degenerate_rate": safe_value("degenerate_rate"),
         "harmful_benchmarks": sorted(
             name for name, b in results["benchmarks"].items() if b["kind"] == HARMFUL and b["n"] > 0

@@ -184,7 +184,7 @@ def render_markdown(report: dict) -> str:
                 _pct(entry.get("mean_refusal_rate")),
                 _pct(entry.get("xstest_safe_compliance")),
                 _pct(entry.get("xstest_safe_compliance_non_degenerate")),
-                _pct(entry.get("mean_degenerate_rate")),
+                _pct(entry.get("mean_looping_rate")),
                 _num(entry.get("mip")),
             ]
         )
@@ -195,7 +195,7 @@ def render_markdown(report: dict) -> str:
             "mean refusal rate (keyword)",
             "XSTest safe compliance (string match)",
             "XSTest safe compliance without loops / canned replies",
-            "mean degenerate rate on harmful sets",
+            "mean looping rate on harmful sets",
             "MIP",
         ],
         rows,
@@ -217,7 +217,7 @@ def render_markdown(report: dict) -> str:
             "Degenerate responses per benchmark (a loop or a canned reply; evals/degeneration.py)",
             _pct,
         ),
-        ("looping_rate", "Looping responses per benchmark (a word 4-gram 3+ times)", _pct),
+        ("looping_rate", "Looping responses per benchmark (seq-rep-4 >= 0.5)", _pct),
         (
             "templated_rate",
             "Canned replies per benchmark (first sentence shared with another prompt's reply)",

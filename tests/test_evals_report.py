@@ -219,10 +219,11 @@ def test_local_server_starts_waits_and_stops(tmp_path: Path) -> None:
 
 
 def test_degeneration_rules_on_hand_written_text() -> None:
-    from evals.degeneration import DegenerationJudge, first_sentence, is_looping
+    from evals.degeneration import DegenerationJudge, first_sentence, is_looping, repetition_share
 
-    assert is_looping("a most shameful and a most shameful and a most shameful and so on")
-    assert not is_looping("a most shameful and a most shameful and then something else entirely")
+    loop = "A most shameful and a most shameful and a most shameful and a most shameful and a most"
+    assert repetition_share(loop) == pytest.approx(11 / 15) and is_looping(loop)  # 15 4-grams, 4 distinct
+    assert not is_looping("It was a coup, a coup, and then the junta ruled Chile for seventeen years.")
     assert not is_looping("Cut the head just behind the gills with a sharp knife, then rinse the fish.")
     assert (
         first_sentence("  I'm not sure what you're looking for?  More text.")
