@@ -6,6 +6,9 @@ within the base's top-k candidates, as in serving) is below a threshold. We pick
 fraction q of the tokens a safe answer uses, and report how much of the *rejected* (harmful) responses it would
 remove at that threshold. The result is stored beside the artifact and is the server's default threshold.
 
+It also says whether the margin tells safe from harmful text at all: the AUC of each response's mean token margin
+(safe responses above harmful ones; 0.5 is chance), and how often the safe response of a pair has the higher mean.
+
     prosocial rewardmodel calibrate [--quantile 0.01] [--pairs 120]
 """
 
@@ -87,6 +90,7 @@ def calibrate(base_dir: Path, artifact_dir: Path, data_dir: Path, cfg: Calibrati
 
     chosen_tok, chosen_resp = share(chosen)
     rejected_tok, rejected_resp = share(rejected)
+    chosen_mean, rejected_mean = _mean_margins(chosen), _mean_margins(rejected)
     return {
         "safety_threshold": round(threshold, 4),
         "quantile": cfg.quantile,
@@ -96,8 +100,24 @@ def calibrate(base_dir: Path, artifact_dir: Path, data_dir: Path, cfg: Calibrati
         "rejected_tokens_masked": rejected_tok,
         "chosen_responses_with_a_masked_token": chosen_resp,
         "rejected_responses_with_a_masked_token": rejected_resp,
+        "mean_margin_auc_safe_over_harmful": round(auc(chosen_mean, rejected_mean), 4),
+        "mean_margin_pairwise_safe_higher": round(
+            sum(c > r for c, r in zip(chosen_mean, rejected_mean, strict=True)) / max(1, len(pairs)), 4
+        ),
         "data": "safety validation split of build/rewardmodel_data (HH-RLHF harmless + JailbreakBench pairs)",
     }
+
+
+def _mean_margins(responses: list[list[float]]) -> list[float]:
+    return [sum(ms) / len(ms) if ms else 0.0 for ms in responses]
+
+
+def auc(positives: list[float], negatives: list[float]) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    if not positives or not negatives:
+        return float("nan")
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
 
 
 def write_calibration(artifact_dir: Path, result: dict, command: str) -> Path:

@@ -329,3 +329,10 @@ def test_train_resume_artifact_round_trip_and_base_mismatch(
     (straight / CONFIG_FILE).write_text(json.dumps(document))
     with pytest.raises(ArtifactMismatchError, match="num_hidden_layers"):
         load_arm(base_dir, straight)
+
+
+def test_calibration_auc_by_hand() -> None:
+    from rewardmodel.calibrate import auc
+
+    assert auc([3.0, 2.0], [1.0, 2.0]) == 0.875  # 3>1, 3>2, 2>1 win; 2=2 counts half
+    assert auc([0.0], [1.0]) == 0.0
