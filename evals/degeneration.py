@@ -33,10 +33,6 @@ def repetition_share(response: str, n: int = LOOP_NGRAM) -> float:
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def is_looping(response: str) -> bool:
-    return repetition_share(response) >= LOOP_SHARE
-
-
 def first_sentence(response: str) -> str:
     text = response.strip()
     head = _SENTENCE_END.split(text, maxsplit=1)[0] if text else ""

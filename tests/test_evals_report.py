@@ -219,7 +219,10 @@ def test_local_server_starts_waits_and_stops(tmp_path: Path) -> None:
 
 
 def test_degeneration_rules_on_hand_written_text() -> None:
-    from evals.degeneration import DegenerationJudge, first_sentence, is_looping, repetition_share
+    from evals.degeneration import LOOP_SHARE, DegenerationJudge, first_sentence, repetition_share
+
+    def is_looping(text: str) -> bool:
+        return repetition_share(text) >= LOOP_SHARE
 
     loop = "A most shameful and a most shameful and a most shameful and a most shameful and a most"
     assert repetition_share(loop) == pytest.approx(11 / 15) and is_looping(loop)  # 15 4-grams, 4 distinct
