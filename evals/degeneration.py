@@ -7,7 +7,8 @@ while helping no one, so the harness measures the collapse directly, with two tr
 
 * **looping**: at least half of the response's word 4-grams repeat an earlier one (seq-rep-4 >= 0.5, the
   repetition measure of Welleck et al. 2020, "Neural Text Degeneration with Unlikelihood Training"). A lower bar
-  would flag the base model's ordinary answers (at 135M parameters and greedy, 28 % of them reach 0.2);
+  would flag the base model's ordinary answers: 28 % of its 180 responses in `reports/runs/base/judged/` (field
+  ``seq_rep_4``) reach 0.2;
 * **templated**: the response's first sentence (lowercased, whitespace-normalised) is also the first sentence of
   the response to another prompt of the same benchmark.
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 from statistics import fmean
 
 from evals.benchmarks import HARMFUL, SAFE
+from evals.degeneration import DegenerationJudge
 from evals.judges import ATTRIBUTES, DEGENERATION, HARM, REFUSAL, TONE
 
 KEYWORD_JUDGE = "keyword_zou2023"
 STRMATCH_JUDGE = "strmatch_xstest"
 HARM_CLASSIFIER = "harm_tfidf_lr"
-DEGENERATION_JUDGE = "degeneration"
+DEGENERATION_JUDGE = DegenerationJudge.name
 
 
 def _figure(value, judge: str, n: int, **extra) -> dict:

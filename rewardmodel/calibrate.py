@@ -113,11 +113,13 @@ def _mean_margins(responses: list[list[float]]) -> list[float]:
 
 
 def auc(positives: list[float], negatives: list[float]) -> float:
-    """Probability that a random positive scores above a random negative (ties count half)."""
+    """Probability that a random positive scores above a random negative (ties count half): ROC AUC."""
+    from sklearn.metrics import roc_auc_score
+
     if not positives or not negatives:
         return float("nan")
-    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
-    return wins / (len(positives) * len(negatives))
+    labels = [1] * len(positives) + [0] * len(negatives)
+    return float(roc_auc_score(labels, list(positives) + list(negatives)))
 
 
 def write_calibration(artifact_dir: Path, result: dict, command: str) -> Path:
