@@ -21,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _add_train_command(sub)
     _add_eval_command(sub)
     _add_calibrate_command(sub)
+    _add_safety_head_command(sub)
     return parser
 
 
@@ -286,9 +287,9 @@ def _format_share(value: float | None) -> str:
 def _add_calibrate_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "calibrate",
-        help="choose the safety mask's default threshold on held-out safety pairs",
-        description="Pick the threshold that masks at most --quantile of the tokens of safe (chosen) validation "
-        "responses; report how much of the harmful (rejected) ones it masks. Written beside the artifact.",
+        help="choose the safety mask's default threshold on held-out labelled safety responses",
+        description="Pick the threshold that masks at most --quantile of the tokens of safe validation "
+        "responses; report how much of the harmful ones it masks. Written beside the artifact.",
     )
     parser.add_argument(
         "--data", type=Path, default=DEFAULT_DATA_OUT, help="pair splits (default: %(default)s)"
@@ -296,7 +297,6 @@ def _add_calibrate_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--artifact", type=Path, default=Path("rewardmodel/artifacts/arm-v1"))
     parser.add_argument("--base-dir", type=Path, default=None, help="default: the prepared default model")
     parser.add_argument("--quantile", type=float, default=0.01)
-    parser.add_argument("--pairs", type=int, default=120)
     parser.add_argument("--candidate-top-k", type=int, default=256)
     parser.set_defaults(func=_run_calibrate)
 
@@ -314,9 +314,70 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     if not (0 < args.quantile < 0.5):
         print("prosocial rewardmodel calibrate: --quantile must be in (0, 0.5)", file=sys.stderr)
         return 2
-    cfg = CalibrationConfig(quantile=args.quantile, pairs=args.pairs, candidate_top_k=args.candidate_top_k)
+    cfg = CalibrationConfig(quantile=args.quantile, candidate_top_k=args.candidate_top_k)
     result = calibrate(args.base_dir or prepare_default_model(), args.artifact, args.data, cfg)
     command = "prosocial rewardmodel calibrate " + shlex.join(sys.argv[3:])
     print(json.dumps(result, indent=2))
     print(f"wrote {write_calibration(args.artifact, result, command)}")
+    return 0
+
+
+def _add_safety_head_command(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "train-safety-head",
+        help="retrain only the safety head on per-token harm labels (the statistic the mask thresholds)",
+        description="Load --from, train its safety head adapter with a logistic loss on the safety margin of "
+        "every response token (JailbreakBench verdicts, everyday answers), keep the rest, and write --out.",
+    )
+    parser.add_argument(
+        "--from", dest="source", type=Path, default=DEFAULT_ARM_OUT, help="default: %(default)s"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="new artifact folder")
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA_OUT, help="pair splits (default: %(default)s)"
+    )
+    parser.add_argument("--base-dir", type=Path, default=None, help="default: the prepared default model")
+    parser.add_argument("--steps", type=_positive_int, default=400)
+    parser.add_argument("--lr", type=_positive_float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-threads", type=_positive_int, default=2)
+    parser.set_defaults(func=_run_safety_head)
+
+
+def _run_safety_head(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from rewardmodel.safety_head import SafetyHeadConfig, run
+    from server.model_prep import prepare_default_model
+
+    for name in ("train", "validation", "test"):
+        if not (args.data / f"{name}.jsonl").is_file():
+            print(
+                f"error: --data {args.data} has no {name}.jsonl; run `prosocial rewardmodel data`",
+                file=sys.stderr,
+            )
+            return 2
+    if not (args.source / "arm_config.json").is_file():
+        print(
+            f"error: --from {args.source} is not an ARM artifact folder (no arm_config.json)", file=sys.stderr
+        )
+        return 2
+    if args.out.resolve() == args.source.resolve():
+        print("error: --out must differ from --from (the source artifact is kept)", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.num_threads)
+    cfg = SafetyHeadConfig(steps=args.steps, lr=args.lr, seed=args.seed)
+    result = run(
+        args.base_dir or prepare_default_model(),
+        args.source,
+        args.out,
+        args.data,
+        cfg,
+        _command_line(),
+        log=lambda entry: print(json.dumps(entry), flush=True),
+    )
+    print(json.dumps({"before": result["before"], "after": result["after"]}, indent=2))
+    print(f"wrote {args.out}")
     return 0
