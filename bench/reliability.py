@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument(
-        "--arm-artifact", type=Path, default=None, help="ARM artifact (default: the shipped arm-v1)"
+        "--arm-artifact", type=Path, default=None, help="ARM artifact (default: the shipped arm-v2)"
     )
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--fuzz-report", type=Path, default=DEFAULT_FUZZ_REPORT)
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "config": asdict(config),
         "server_flags": flags,
-        "arm_artifact": str(args.arm_artifact or "rewardmodel/artifacts/arm-v1"),
+        "arm_artifact": str(args.arm_artifact or "rewardmodel/artifacts/arm-v2"),
         **figures,
         **fuzz,
     }

@@ -35,7 +35,10 @@ class CalibrationConfig:
     seed: int = 0
 
 
-def calibrate(base_dir: Path, artifact_dir: Path, data_dir: Path, cfg: CalibrationConfig) -> dict:
+def calibrate(
+    base_dir: Path, artifact_dir: Path, pair_dir: Path, cfg: CalibrationConfig, data_dir: Path | None = None
+) -> dict:
+    """``data_dir`` (the shared data) adds the base model's own validation replies (``on_policy_responses``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rewardmodel.artifact import load_arm
@@ -43,6 +46,7 @@ def calibrate(base_dir: Path, artifact_dir: Path, data_dir: Path, cfg: Calibrati
         SafetyHeadConfig,
         extract_features,
         labelled_responses,
+        on_policy_responses,
         separation,
         target_margins,
     )
@@ -51,10 +55,12 @@ def calibrate(base_dir: Path, artifact_dir: Path, data_dir: Path, cfg: Calibrati
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     arm = load_arm(base_dir, artifact_dir).eval()
-    responses = labelled_responses(data_dir, "validation")
-    features = extract_features(
-        base, arm, tokenizer, responses, SafetyHeadConfig(candidate_top_k=cfg.candidate_top_k)
-    )
+    head_cfg = SafetyHeadConfig(candidate_top_k=cfg.candidate_top_k)
+    responses = labelled_responses(pair_dir, "validation")
+    if data_dir is not None:
+        cache = Path(head_cfg.on_policy_cache.format(split="validation"))
+        responses += on_policy_responses(base, tokenizer, data_dir, "validation", head_cfg, cache)
+    features = extract_features(base, arm, tokenizer, responses, head_cfg)
     index = arm.attribute_index(SAFETY_ATTRIBUTE)
     down, up = arm.head_down[index], arm.head_up[index]
     margins = target_margins(arm, features, down, up)
@@ -88,8 +94,10 @@ def calibrate(base_dir: Path, artifact_dir: Path, data_dir: Path, cfg: Calibrati
         "harmful_responses_with_a_masked_token": harmful_resp,
         "mean_margin_auc_safe_over_harmful": aucs["mean_margin_auc"],
         "mean_margin_auc_everyday_over_harmful": aucs["mean_margin_auc_vs_everyday"],
+        "mean_margin_auc_own_replies": aucs.get("mean_margin_auc_on_policy"),
         "data": "validation split of build/rewardmodel_data: JailbreakBench responses (jailbroken = harmful) and "
-        "refusal_direction everyday answers (safe)",
+        "refusal_direction everyday answers (safe)"
+        + ("; the base model's own replies to refusal_direction validation prompts" if data_dir else ""),
     }
 
 

@@ -72,6 +72,9 @@ def _run_data(args: argparse.Namespace) -> int:
 
 DEFAULT_ARM_OUT = Path("rewardmodel/artifacts/arm-v1")
 DEFAULT_ABLATION_OUT = Path("rewardmodel/artifacts/arm-v1-no-pcgrad")
+SERVING_ARM = Path(
+    "rewardmodel/artifacts/arm-v2"
+)  # arm-v1 with the retrained safety head (train-safety-head)
 
 
 def _positive_int(text: str) -> int:
@@ -294,9 +297,18 @@ def _add_calibrate_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--data", type=Path, default=DEFAULT_DATA_OUT, help="pair splits (default: %(default)s)"
     )
-    parser.add_argument("--artifact", type=Path, default=Path("rewardmodel/artifacts/arm-v1"))
+    parser.add_argument(
+        "--artifact", type=Path, default=SERVING_ARM, help="default: the served artifact, %(default)s"
+    )
     parser.add_argument("--base-dir", type=Path, default=None, help="default: the prepared default model")
     parser.add_argument("--quantile", type=float, default=0.01)
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="shared data folder, for the base model's own replies (default: $PROSOCIAL_DATA_DIR, else ../shared/data)",
+    )
+    parser.add_argument("--no-on-policy", action="store_true", help="calibrate on the dataset responses only")
     parser.add_argument("--candidate-top-k", type=int, default=256)
     parser.set_defaults(func=_run_calibrate)
 
@@ -315,7 +327,10 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         print("prosocial rewardmodel calibrate: --quantile must be in (0, 0.5)", file=sys.stderr)
         return 2
     cfg = CalibrationConfig(quantile=args.quantile, candidate_top_k=args.candidate_top_k)
-    result = calibrate(args.base_dir or prepare_default_model(), args.artifact, args.data, cfg)
+    from rewardmodel import data
+
+    data_dir = None if args.no_on_policy else (args.data_dir or data.default_data_dir())
+    result = calibrate(args.base_dir or prepare_default_model(), args.artifact, args.data, cfg, data_dir)
     command = "prosocial rewardmodel calibrate " + shlex.join(sys.argv[3:])
     print(json.dumps(result, indent=2))
     print(f"wrote {write_calibration(args.artifact, result, command)}")
@@ -327,14 +342,28 @@ def _add_safety_head_command(sub: argparse._SubParsersAction) -> None:
         "train-safety-head",
         help="retrain only the safety head on per-token harm labels (the statistic the mask thresholds)",
         description="Load --from, train its safety head adapter with a logistic loss on the safety margin of "
-        "every response token (JailbreakBench verdicts, everyday answers), keep the rest, and write --out.",
+        "every response token (JailbreakBench verdicts, everyday answers, the base model's own replies), keep the "
+        "rest, and write --out.",
     )
     parser.add_argument(
         "--from", dest="source", type=Path, default=DEFAULT_ARM_OUT, help="default: %(default)s"
     )
-    parser.add_argument("--out", type=Path, required=True, help="new artifact folder")
+    parser.add_argument(
+        "--out", type=Path, default=SERVING_ARM, help="new artifact folder (default: %(default)s)"
+    )
     parser.add_argument(
         "--data", type=Path, default=DEFAULT_DATA_OUT, help="pair splits (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="shared data folder, for the on-policy prompts (default: $PROSOCIAL_DATA_DIR, else ../shared/data)",
+    )
+    parser.add_argument(
+        "--no-on-policy",
+        action="store_true",
+        help="train on the dataset responses only (no base-model replies)",
     )
     parser.add_argument("--base-dir", type=Path, default=None, help="default: the prepared default model")
     parser.add_argument("--steps", type=_positive_int, default=400)
@@ -349,9 +378,17 @@ def _run_safety_head(args: argparse.Namespace) -> int:
 
     import torch
 
+    from rewardmodel import data
     from rewardmodel.safety_head import SafetyHeadConfig, run
     from server.model_prep import prepare_default_model
 
+    data_dir = args.data_dir if args.data_dir is not None else data.default_data_dir()
+    if not data_dir.is_dir():
+        print(
+            f"error: --data-dir {data_dir} is not a directory (set --data-dir or PROSOCIAL_DATA_DIR)",
+            file=sys.stderr,
+        )
+        return 2
     for name in ("train", "validation", "test"):
         if not (args.data / f"{name}.jsonl").is_file():
             print(
@@ -368,12 +405,13 @@ def _run_safety_head(args: argparse.Namespace) -> int:
         print("error: --out must differ from --from (the source artifact is kept)", file=sys.stderr)
         return 2
     torch.set_num_threads(args.num_threads)
-    cfg = SafetyHeadConfig(steps=args.steps, lr=args.lr, seed=args.seed)
+    cfg = SafetyHeadConfig(steps=args.steps, lr=args.lr, seed=args.seed, on_policy=not args.no_on_policy)
     result = run(
         args.base_dir or prepare_default_model(),
         args.source,
         args.out,
         args.data,
+        data_dir,
         cfg,
         _command_line(),
         log=lambda entry: print(json.dumps(entry), flush=True),

@@ -40,6 +40,14 @@ from rewardmodel.attributes import SAFETY_ATTRIBUTE
 
 JAILBREAKBENCH_SOURCE = "jailbreakbench_artifacts"
 BENIGN_ANSWER_SOURCE = "refusal_direction:harmless_actadd"
+ON_POLICY_HARMFUL_SOURCE = "on_policy:refusal_direction_harmful"
+ON_POLICY_EVERYDAY_SOURCE = "on_policy:refusal_direction_harmless"
+ON_POLICY_PROMPTS = {
+    "train": ("harmful_train", 0),
+    "validation": ("harmful_val", 0),
+    "test": ("harmful_test", 150),
+}
+"""Per split: the refusal_direction harmful prompt file and how many of its prompts to sample (0: all)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,8 @@ class SafetyHeadConfig:
     extract_batch: int = 8
     eval_every: int = 50
     seed: int = 0
+    on_policy: bool = True
+    on_policy_cache: str | None = "build/safety_head/on_policy_{split}.jsonl"
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,11 @@ class LabelledResponse:
     response: str
     harmful: bool
     source: str
+
+    @property
+    def everyday(self) -> bool:
+        """An answer to a harmless everyday instruction (the safe side that is not a refusal)."""
+        return self.source in (BENIGN_ANSWER_SOURCE, ON_POLICY_EVERYDAY_SOURCE)
 
 
 def labelled_responses(pair_dir: Path, split: str) -> list[LabelledResponse]:
@@ -81,6 +96,93 @@ def labelled_responses(pair_dir: Path, split: str) -> list[LabelledResponse]:
                 (pair.prompt, response), LabelledResponse(pair.prompt, response, harmful, pair.source)
             )
     return list(seen.values())
+
+
+def on_policy_prompts(data_dir: Path, split: str, seed: int = 0) -> list[tuple[str, bool]]:
+    """(prompt, is_harmful) for the base model's own responses: refusal_direction harmful prompts of this split,
+    minus every prompt of the evaluation benchmarks (AdvBench, DangerousQA, HarmfulQA, CatQA, XSTest), and as
+    many harmless (Alpaca) prompts from ``harmless_val``, each split its own disjoint seeded slice."""
+    import json
+    import re
+
+    from evals.benchmarks import BUILTIN_BENCHMARKS, load_builtin
+
+    def normal(text: str) -> str:
+        return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+
+    evaluated = {
+        normal(item.prompt) for name in BUILTIN_BENCHMARKS for item in load_builtin(name, data_dir).items
+    }
+    folder = Path(data_dir) / "refusal_direction" / "splits"
+    file_name, sample = ON_POLICY_PROMPTS[split]
+    harmful = [row["instruction"] for row in json.loads((folder / f"{file_name}.json").read_text())]
+    harmful = [p for p in harmful if normal(p) not in evaluated]
+    rng = random.Random(seed)
+    if sample:
+        harmful = rng.sample(harmful, min(sample, len(harmful)))
+    harmless = [row["instruction"] for row in json.loads((folder / "harmless_val.json").read_text())]
+    random.Random(seed).shuffle(harmless)
+    offset = {"train": 0, "validation": 2000, "test": 4000}[split]  # disjoint slices of the shuffled file
+    return [(p, True) for p in harmful] + [(p, False) for p in harmless[offset : offset + len(harmful)]]
+
+
+@torch.no_grad()
+def generate_greedy(base, tokenizer, prompts: list[str], max_new_tokens: int, batch: int = 16) -> list[str]:
+    """The base model's greedy chat replies (left-padded batches), as the server would produce them."""
+    tokenizer.padding_side = "left"
+    replies = []
+    for first in range(0, len(prompts), batch):
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts[first : first + batch]
+        ]
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = base.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        replies += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return replies
+
+
+def on_policy_responses(
+    base, tokenizer, data_dir: Path, split: str, cfg: SafetyHeadConfig, cache: Path | None = None
+) -> list[LabelledResponse]:
+    """The base's own replies, labelled by the prompt and the keyword refusal criterion (Zou et al. 2023).
+
+    A reply to a harmful prompt is harmful unless it refuses; a reply to a harmless prompt is safe. The rule
+    is deliberately strict: a reply to a harmful request that complies in a harmless way is still labelled
+    harmful. ``cache`` (JSON lines) keeps the replies so that a rerun does not generate them again.
+    """
+    import json
+
+    from evals.refusal import is_refusal_keyword
+
+    prompts = on_policy_prompts(data_dir, split, cfg.seed)
+    stored = {}
+    if cache is not None and cache.is_file():
+        stored = {(r["prompt"], r["harmful_prompt"]): r["reply"] for r in map(json.loads, cache.open())}
+    missing = [(p, h) for p, h in prompts if (p, h) not in stored]
+    if missing:
+        replies = generate_greedy(base, tokenizer, [p for p, _ in missing], cfg.max_response_tokens)
+        stored.update(zip(missing, replies, strict=True))
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            lines = [
+                json.dumps({"prompt": p, "harmful_prompt": h, "reply": r}) for (p, h), r in stored.items()
+            ]
+            cache.write_text("\n".join(lines) + "\n")
+    return [
+        LabelledResponse(
+            p,
+            stored[(p, h)],
+            h and not is_refusal_keyword(stored[(p, h)]),
+            ON_POLICY_HARMFUL_SOURCE if h else ON_POLICY_EVERYDAY_SOURCE,
+        )
+        for p, h in prompts
+        if stored[(p, h)].strip()
+    ]
 
 
 def chat_sequence(
@@ -104,6 +206,7 @@ class TokenFeatures:
     target: Tensor  # [N] index of the emitted token within ``candidates``
     harmful: Tensor  # [N] bool, the response's label
     everyday: Tensor  # [N] bool, the response answers an everyday (harmless) instruction
+    on_policy: Tensor  # [N] bool, the response is the base model's own reply
     response: Tensor  # [N] index of the response in the list it came from
 
     def subset(self, keep: Tensor) -> TokenFeatures:
@@ -145,7 +248,8 @@ def extract_features(
                     candidates[keep],
                     hit[keep].float().argmax(dim=1),
                     torch.full((n,), chunk[row].harmful),
-                    torch.full((n,), chunk[row].source == BENIGN_ANSWER_SOURCE),
+                    torch.full((n,), chunk[row].everyday),
+                    torch.full((n,), chunk[row].source.startswith("on_policy:")),
                     torch.full((n,), first + row),
                 )
             )
@@ -194,11 +298,16 @@ def separation(arm, features: TokenFeatures, down: Tensor, up: Tensor) -> dict[s
     """AUC (safe above harmful) of each response's mean and minimum token margin, and of single tokens.
 
     ``*_vs_everyday``: the same with only everyday answers as the safe side (harmful compliance against harmless
-    compliance, where a refusal-phrase detector would score 0.5).
+    compliance, where a refusal-phrase detector would score 0.5). ``*_on_policy``: the base model's own replies
+    only (what the mask sees when serving).
     """
     result = _separation(arm, features, down, up)
     everyday = _separation(arm, features.subset(features.harmful | features.everyday), down, up)
-    return result | {f"{key}_vs_everyday": value for key, value in everyday.items() if key.endswith("auc")}
+    result |= {f"{key}_vs_everyday": value for key, value in everyday.items() if key.endswith("auc")}
+    if features.on_policy.any() and (features.harmful & features.on_policy).any():
+        own = _separation(arm, features.subset(features.on_policy), down, up)
+        result |= {f"{key}_on_policy": value for key, value in own.items() if key.endswith("auc")}
+    return result
 
 
 def _separation(arm, features: TokenFeatures, down: Tensor, up: Tensor) -> dict[str, float]:
@@ -264,6 +373,7 @@ def run(
     source_artifact: Path,
     out_artifact: Path,
     pair_dir: Path,
+    data_dir: Path,
     cfg: SafetyHeadConfig,
     command: str,
     log=print,
@@ -279,8 +389,18 @@ def run(
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     arm = load_arm(base_dir, source_artifact)
     splits = {split: labelled_responses(pair_dir, split) for split in ("train", "validation", "test")}
+    if cfg.on_policy:
+        for split, rows in splits.items():
+            cache = Path(cfg.on_policy_cache.format(split=split)) if cfg.on_policy_cache else None
+            rows += on_policy_responses(base, tokenizer, data_dir, split, cfg, cache)
     counts = {
-        split: {"harmful": sum(r.harmful for r in rows), "safe": sum(not r.harmful for r in rows)}
+        split: {
+            source: {
+                "harmful": sum(r.harmful for r in rows if r.source == source),
+                "safe": sum(not r.harmful for r in rows if r.source == source),
+            }
+            for source in sorted({r.source for r in rows})
+        }
         for split, rows in splits.items()
     }
     log({"responses": counts})

@@ -45,7 +45,7 @@ _SERVE_FLAGS: dict[str, dict] = {
         "help": "JSON preferences for requests without any (default: all five equal; '{}': none, "
         "the safety mask only), e.g. '{\"empathy\":1}'",
     },
-    "arm_artifact": {"help": "ARM artifact folder (default: the shipped arm-v1)"},
+    "arm_artifact": {"help": "ARM artifact folder (default: the shipped arm-v2)"},
     "candidate_top_k": {
         "type": int,
         "help": "guided rows choose among the base's top-k tokens + EOS (default 256)",

@@ -66,7 +66,7 @@ class ServerSettings(BaseSettings):
         description="Preferences applied to requests without prosocial_prefs (default: the five attributes "
         "weighted equally; {} or None: no preference term, the safety mask only).",
     )
-    arm_artifact: Path | None = Field(None, description="ARM artifact folder; default: the shipped arm-v1.")
+    arm_artifact: Path | None = Field(None, description="ARM artifact folder; default: the shipped arm-v2.")
     candidate_top_k: int = Field(
         256, ge=2, le=4096, description="Guided rows choose among the base's top-k + EOS."
     )

@@ -163,3 +163,23 @@ def test_cli_refuses_to_overwrite_its_source_and_names_missing_data(tmp_path: Pa
         == 2
     )
     assert "not an ARM artifact" in capsys.readouterr().err
+
+
+def test_on_policy_prompts_leave_out_every_evaluation_prompt_and_do_not_cross_splits() -> None:
+    from evals.benchmarks import BUILTIN_BENCHMARKS, load_builtin, resolve_data_dir
+    from rewardmodel.safety_head import on_policy_prompts
+
+    data_dir = resolve_data_dir()
+    evaluated = {
+        item.prompt.lower() for name in BUILTIN_BENCHMARKS for item in load_builtin(name, data_dir).items
+    }
+    splits = {split: on_policy_prompts(data_dir, split) for split in ("train", "validation", "test")}
+    for rows in splits.values():
+        harmful = [p for p, h in rows if h]
+        assert len(harmful) == len(rows) - len(harmful) > 0  # as many everyday prompts as harmful ones
+        assert not {p.lower() for p, _ in rows} & evaluated
+    # refusal_direction's harmful_train repeats 117 AdvBench behaviours: they are dropped
+    assert sum(h for _, h in splits["train"]) == 260 - 117
+    prompts = [{p for p, _ in rows} for rows in splits.values()]
+    assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
+    assert splits["train"] == on_policy_prompts(data_dir, "train")  # deterministic

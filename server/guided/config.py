@@ -32,7 +32,7 @@ class ProcessorConfig:
         return cls(**raw)
 
 
-DEFAULT_ARM_ARTIFACT = Path(__file__).resolve().parents[2] / "rewardmodel" / "artifacts" / "arm-v1"
+DEFAULT_ARM_ARTIFACT = Path(__file__).resolve().parents[2] / "rewardmodel" / "artifacts" / "arm-v2"
 
 
 class GuidanceConfigError(ValueError):
