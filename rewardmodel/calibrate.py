@@ -65,8 +65,7 @@ def calibrate(
     down, up = arm.head_down[index], arm.head_up[index]
     margins = target_margins(arm, features, down, up)
     safe = ~features.harmful
-    ordered = margins[safe].sort().values
-    threshold = ordered[max(0, math.floor(cfg.quantile * len(ordered)) - 1)].item()
+    threshold = quantile_threshold(margins[safe], cfg.quantile)
     masked = margins < threshold
 
     def share(rows: torch.Tensor) -> tuple[float, float]:
@@ -99,6 +98,13 @@ def calibrate(
         "refusal_direction everyday answers (safe)"
         + ("; the base model's own replies to refusal_direction validation prompts" if data_dir else ""),
     }
+
+
+def quantile_threshold(safe_margins: torch.Tensor, quantile: float) -> float:
+    """The k-th smallest safe margin, k = floor(quantile * n) (at least the first): fewer than k safe tokens
+    fall strictly below it, so the mask removes under ``quantile`` of them."""
+    ordered = safe_margins.sort().values
+    return ordered[max(0, math.floor(quantile * len(ordered)) - 1)].item()
 
 
 def auc(positives: list[float], negatives: list[float]) -> float:

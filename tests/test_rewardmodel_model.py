@@ -331,6 +331,17 @@ def test_train_resume_artifact_round_trip_and_base_mismatch(
         load_arm(base_dir, straight)
 
 
+def test_calibration_threshold_masks_at_most_the_quantile_of_safe_tokens() -> None:
+    from rewardmodel.calibrate import quantile_threshold
+
+    margins = torch.tensor([0.5, -3.0, 1.0, -1.0, 0.0, 2.0, -2.0, 0.2, 0.3, 0.4])
+    assert quantile_threshold(margins, 0.2) == -2.0  # k = 2: the 2nd smallest; only -3 lies below it
+    assert quantile_threshold(margins, 0.35) == -1.0  # k = 3; -3 and -2 lie below it
+    assert quantile_threshold(margins, 0.01) == -3.0  # k = 0 -> the smallest: nothing masked
+    for q in (0.01, 0.1, 0.3, 0.49):
+        assert (margins < quantile_threshold(margins, q)).float().mean() < max(q, 0.1)
+
+
 def test_calibration_auc_by_hand() -> None:
     from rewardmodel.calibrate import auc
 
