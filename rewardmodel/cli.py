@@ -50,12 +50,8 @@ def _add_data_command(sub: argparse._SubParsersAction) -> None:
 def _run_data(args: argparse.Namespace) -> int:
     from rewardmodel import data
 
-    data_dir = args.data_dir if args.data_dir is not None else data.default_data_dir()
-    if not data_dir.is_dir():
-        print(
-            f"error: --data-dir {data_dir} is not a directory (set --data-dir or PROSOCIAL_DATA_DIR)",
-            file=sys.stderr,
-        )
+    data_dir = _shared_data_dir(args.data_dir)
+    if data_dir is None:
         return 2
     try:
         pairs = data.build_pairs(data_dir, seed=args.seed)
@@ -75,6 +71,20 @@ DEFAULT_ABLATION_OUT = Path("rewardmodel/artifacts/arm-v1-no-pcgrad")
 SERVING_ARM = Path(
     "rewardmodel/artifacts/arm-v2"
 )  # arm-v1 with the retrained safety head (train-safety-head)
+
+
+def _shared_data_dir(given: Path | None) -> Path | None:
+    """``--data-dir``, else ``$PROSOCIAL_DATA_DIR``, else ``../shared/data``; ``None`` (after saying why) if absent."""
+    from rewardmodel import data
+
+    data_dir = given if given is not None else data.default_data_dir()
+    if not data_dir.is_dir():
+        print(
+            f"error: --data-dir {data_dir} is not a directory (set --data-dir or PROSOCIAL_DATA_DIR)",
+            file=sys.stderr,
+        )
+        return None
+    return data_dir
 
 
 def _positive_int(text: str) -> int:
@@ -327,9 +337,9 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         print("prosocial rewardmodel calibrate: --quantile must be in (0, 0.5)", file=sys.stderr)
         return 2
     cfg = CalibrationConfig(quantile=args.quantile, candidate_top_k=args.candidate_top_k)
-    from rewardmodel import data
-
-    data_dir = None if args.no_on_policy else (args.data_dir or data.default_data_dir())
+    data_dir = None
+    if not args.no_on_policy and (data_dir := _shared_data_dir(args.data_dir)) is None:
+        return 2
     result = calibrate(args.base_dir or prepare_default_model(), args.artifact, args.data, cfg, data_dir)
     command = "prosocial rewardmodel calibrate " + shlex.join(sys.argv[3:])
     print(json.dumps(result, indent=2))
@@ -378,16 +388,11 @@ def _run_safety_head(args: argparse.Namespace) -> int:
 
     import torch
 
-    from rewardmodel import data
     from rewardmodel.safety_head import SafetyHeadConfig, run
     from server.model_prep import prepare_default_model
 
-    data_dir = args.data_dir if args.data_dir is not None else data.default_data_dir()
-    if not data_dir.is_dir():
-        print(
-            f"error: --data-dir {data_dir} is not a directory (set --data-dir or PROSOCIAL_DATA_DIR)",
-            file=sys.stderr,
-        )
+    data_dir = _shared_data_dir(args.data_dir)
+    if data_dir is None:
         return 2
     for name in ("train", "validation", "test"):
         if not (args.data / f"{name}.jsonl").is_file():

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from evals.harm_judge import LabelledResponse
 from rewardmodel.attributes import SAFETY_ATTRIBUTE
 
 JAILBREAKBENCH_SOURCE = "jailbreakbench_artifacts"
@@ -66,17 +67,9 @@ class SafetyHeadConfig:
     on_policy_cache: str | None = "build/safety_head/on_policy_{split}.jsonl"
 
 
-@dataclass(frozen=True)
-class LabelledResponse:
-    prompt: str
-    response: str
-    harmful: bool
-    source: str
-
-    @property
-    def everyday(self) -> bool:
-        """An answer to a harmless everyday instruction (the safe side that is not a refusal)."""
-        return self.source in (BENIGN_ANSWER_SOURCE, ON_POLICY_EVERYDAY_SOURCE)
+def is_everyday(response: LabelledResponse) -> bool:
+    """An answer to a harmless everyday instruction (the safe side that is not a refusal)."""
+    return response.source in (BENIGN_ANSWER_SOURCE, ON_POLICY_EVERYDAY_SOURCE)
 
 
 def labelled_responses(pair_dir: Path, split: str) -> list[LabelledResponse]:
@@ -103,12 +96,9 @@ def on_policy_prompts(data_dir: Path, split: str, seed: int = 0) -> list[tuple[s
     minus every prompt of the evaluation benchmarks (AdvBench, DangerousQA, HarmfulQA, CatQA, XSTest), and as
     many harmless (Alpaca) prompts from ``harmless_val``, each split its own disjoint seeded slice."""
     import json
-    import re
 
     from evals.benchmarks import BUILTIN_BENCHMARKS, load_builtin
-
-    def normal(text: str) -> str:
-        return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+    from rewardmodel.data import normalise_text as normal
 
     evaluated = {
         normal(item.prompt) for name in BUILTIN_BENCHMARKS for item in load_builtin(name, data_dir).items
@@ -248,7 +238,7 @@ def extract_features(
                     candidates[keep],
                     hit[keep].float().argmax(dim=1),
                     torch.full((n,), chunk[row].harmful),
-                    torch.full((n,), chunk[row].everyday),
+                    torch.full((n,), is_everyday(chunk[row])),
                     torch.full((n,), chunk[row].source.startswith("on_policy:")),
                     torch.full((n,), first + row),
                 )
