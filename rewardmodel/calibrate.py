@@ -11,7 +11,12 @@ threshold.
 It also says whether the margin tells safe from harmful text at all: the AUC of each response's mean token margin
 (safe above harmful; 0.5 is chance), also against everyday answers only (harmful against harmless compliance).
 
-    prosocial rewardmodel calibrate [--artifact DIR] [--quantile 0.01]
+The *response guard* thresholds that mean instead: from ``guard_tokens`` tokens on, a response whose running mean
+margin falls below the response threshold is ended. Its threshold is the ``response_quantile``-quantile of the
+safe responses' lowest running mean (from ``guard_tokens`` on), so it ends at most that share of safe responses;
+we report the share of harmful ones it ends.
+
+    prosocial rewardmodel calibrate [--artifact DIR] [--quantile 0.05] [--response-quantile 0.1]
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ CALIBRATION_FILE = "safety_calibration.json"
 @dataclass(frozen=True)
 class CalibrationConfig:
     quantile: float = 0.01
+    response_quantile: float = 0.1
+    guard_tokens: int = 8
     candidate_top_k: int = 256
     seed: int = 0
 
@@ -81,7 +88,32 @@ def calibrate(
     harmful_tok, harmful_resp = share(features.harmful)
     _, everyday_resp = share(features.everyday)
     aucs = separation(arm, features, down, up)
-    return {
+    lowest = lowest_running_means(margins, features.response, cfg.guard_tokens)
+    responses_safe = [r for r in lowest if not bool(features.harmful[features.response == r][0])]
+    response_threshold = quantile_threshold(
+        torch.tensor([lowest[r] for r in responses_safe]), cfg.response_quantile
+    )
+
+    def ended(rows: torch.Tensor) -> float:
+        chosen = [r for r in features.response[rows].unique().tolist() if r in lowest]
+        return round(sum(lowest[r] < response_threshold for r in chosen) / max(1, len(chosen)), 4)
+
+    guard = {
+        "response_threshold": round(response_threshold, 4),
+        "response_quantile": cfg.response_quantile,
+        "guard_tokens": cfg.guard_tokens,
+        "responses_ended_by_the_guard": {
+            "safe": ended(safe),
+            "everyday": ended(features.everyday),
+            "harmful": ended(features.harmful),
+        },
+    }
+    if features.on_policy.any():
+        guard["responses_ended_by_the_guard"] |= {
+            "own_safe_replies": ended(safe & features.on_policy),
+            "own_harmful_replies": ended(features.harmful & features.on_policy),
+        }
+    return guard | {
         "safety_threshold": round(threshold, 4),
         "quantile": cfg.quantile,
         "responses": {"safe": aucs["safe_responses"], "harmful": aucs["harmful_responses"]},
@@ -98,6 +130,21 @@ def calibrate(
         "refusal_direction everyday answers (safe)"
         + ("; the base model's own replies to refusal_direction validation prompts" if data_dir else ""),
     }
+
+
+def lowest_running_means(
+    margins: torch.Tensor, response: torch.Tensor, guard_tokens: int
+) -> dict[int, float]:
+    """Per response (of at least ``guard_tokens`` tokens): the lowest mean margin of its prefixes of
+    ``guard_tokens`` tokens or more, i.e. the value the response guard would compare with its threshold."""
+    lowest = {}
+    for index in response.unique().tolist():
+        values = margins[response == index]
+        if len(values) < guard_tokens:
+            continue
+        running = values.cumsum(0) / torch.arange(1, len(values) + 1)
+        lowest[index] = running[guard_tokens - 1 :].min().item()
+    return lowest
 
 
 def quantile_threshold(safe_margins: torch.Tensor, quantile: float) -> float:
@@ -125,8 +172,11 @@ def write_calibration(artifact_dir: Path, result: dict, command: str) -> Path:
     return path
 
 
-def read_calibrated_threshold(artifact_dir: Path) -> float | None:
+def read_calibration(artifact_dir: Path) -> dict | None:
     path = Path(artifact_dir) / CALIBRATION_FILE
-    if not path.is_file():
-        return None
-    return float(json.loads(path.read_text())["safety_threshold"])
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_calibrated_threshold(artifact_dir: Path) -> float | None:
+    calibration = read_calibration(artifact_dir)
+    return float(calibration["safety_threshold"]) if calibration is not None else None

@@ -302,7 +302,8 @@ def _add_calibrate_command(sub: argparse._SubParsersAction) -> None:
         "calibrate",
         help="choose the safety mask's default threshold on held-out labelled safety responses",
         description="Pick the threshold that masks at most --quantile of the tokens of safe validation "
-        "responses; report how much of the harmful ones it masks. Written beside the artifact.",
+        "responses, and the response guard's threshold that ends at most --response-quantile of them; report "
+        "how much of the harmful ones each removes. Written beside the artifact.",
     )
     parser.add_argument(
         "--data", type=Path, default=DEFAULT_DATA_OUT, help="pair splits (default: %(default)s)"
@@ -312,6 +313,8 @@ def _add_calibrate_command(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--base-dir", type=Path, default=None, help="default: the prepared default model")
     parser.add_argument("--quantile", type=float, default=0.01)
+    parser.add_argument("--response-quantile", type=float, default=0.1)
+    parser.add_argument("--guard-tokens", type=int, default=8, help="tokens before the response guard judges")
     parser.add_argument(
         "--data-dir",
         type=Path,
@@ -333,10 +336,22 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     if not (args.data / "validation.jsonl").is_file():
         print(f"prosocial rewardmodel calibrate: --data {args.data} has no validation.jsonl", file=sys.stderr)
         return 2
-    if not (0 < args.quantile < 0.5):
-        print("prosocial rewardmodel calibrate: --quantile must be in (0, 0.5)", file=sys.stderr)
+    for name in ("quantile", "response_quantile"):
+        if not (0 < getattr(args, name) < 0.5):
+            print(
+                f"prosocial rewardmodel calibrate: --{name.replace('_', '-')} must be in (0, 0.5)",
+                file=sys.stderr,
+            )
+            return 2
+    if not (1 <= args.guard_tokens <= 32):
+        print("prosocial rewardmodel calibrate: --guard-tokens must be in [1, 32]", file=sys.stderr)
         return 2
-    cfg = CalibrationConfig(quantile=args.quantile, candidate_top_k=args.candidate_top_k)
+    cfg = CalibrationConfig(
+        quantile=args.quantile,
+        response_quantile=args.response_quantile,
+        guard_tokens=args.guard_tokens,
+        candidate_top_k=args.candidate_top_k,
+    )
     data_dir = None
     if not args.no_on_policy and (data_dir := _shared_data_dir(args.data_dir)) is None:
         return 2

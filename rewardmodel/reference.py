@@ -27,6 +27,8 @@ class ReferenceGuidedProcessor(LogitsProcessor):
         candidate_top_k: int,
         eos_token_id: int,
         pad_lengths: list[int],
+        response_threshold: float | None = None,
+        guard_tokens: int = 8,
     ) -> None:
         self.arm = arm
         self.prefs = torch.tensor(prefs) if prefs is not None else None
@@ -36,6 +38,10 @@ class ReferenceGuidedProcessor(LogitsProcessor):
         self.k = candidate_top_k
         self.eos = eos_token_id
         self.pad_lengths = torch.tensor(pad_lengths)
+        self.response_threshold = response_threshold
+        self.guard_tokens = guard_tokens
+        self.margins: list[list[float]] = [[] for _ in pad_lengths]  # safety margin of each emitted token
+        self.previous: tuple[Tensor, Tensor] | None = None  # last step's candidates and margins
         self.pref_index = [arm.attribute_index(a) for a in PROSOCIAL_ATTRIBUTES]
         self.safety_index = arm.attribute_index(SAFETY_ATTRIBUTE)
 
@@ -48,6 +54,16 @@ class ReferenceGuidedProcessor(LogitsProcessor):
             input_ids=input_ids, attention_mask=mask, position_ids=positions.clamp(min=0), use_cache=False
         )
         return out.last_hidden_state[:, -1]
+
+    def _record_emitted(self, input_ids: Tensor) -> None:
+        """Append the margin (from the previous step) of the token each row emitted last."""
+        if self.previous is None:
+            return
+        cand, margin = self.previous
+        for row, token in enumerate(input_ids[:, -1].tolist()):
+            hit = (cand[row] == token).nonzero()
+            if len(hit):
+                self.margins[row].append(margin[row, hit[0, 0]].item())
 
     def _candidate_log_probs(self, hidden: Tensor, cand: Tensor) -> Tensor:
         """[B, 1 + A, K]: neutral head then every attribute, normalised within the candidates."""
@@ -67,9 +83,19 @@ class ReferenceGuidedProcessor(LogitsProcessor):
         if self.prefs is not None:
             rows = [1 + i for i in self.pref_index]
             score = score + torch.einsum("p,bpk->bk", self.prefs, lp[:, rows, :]) / self.beta
+        margin = lp[:, 1 + self.safety_index, :] - lp[:, 0, :]
+        self._record_emitted(input_ids)
         if self.safety_mask:
-            margin = lp[:, 1 + self.safety_index, :] - lp[:, 0, :]
-            score = score.masked_fill((margin < self.threshold) & (cand != self.eos), float("-inf"))
+            unsafe = margin < self.threshold
+            if self.response_threshold is not None:
+                for row, emitted in enumerate(self.margins):
+                    if (
+                        len(emitted) >= self.guard_tokens
+                        and sum(emitted) / len(emitted) < self.response_threshold
+                    ):
+                        unsafe[row] = True
+            score = score.masked_fill(unsafe & (cand != self.eos), float("-inf"))
+        self.previous = (cand, margin)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter(1, cand, score)
 
@@ -83,6 +109,8 @@ def reference_generate(
     *,
     safety_mask: bool = True,
     safety_threshold: float = -6.0,
+    response_threshold: float | None = None,
+    guard_tokens: int = 8,
     beta: float = 1.0,
     candidate_top_k: int = 256,
     eos_token_id: int = 2,
@@ -95,7 +123,16 @@ def reference_generate(
     input_ids = torch.tensor([[pad_token_id] * n + p for n, p in zip(pads, prompts, strict=True)])
     attention = torch.tensor([[0] * n + [1] * len(p) for n, p in zip(pads, prompts, strict=True)])
     processor = ReferenceGuidedProcessor(
-        arm, prefs, safety_mask, safety_threshold, beta, candidate_top_k, eos_token_id, pads
+        arm,
+        prefs,
+        safety_mask,
+        safety_threshold,
+        beta,
+        candidate_top_k,
+        eos_token_id,
+        pads,
+        response_threshold,
+        guard_tokens,
     )
     out = base_model.generate(
         input_ids=input_ids,

@@ -39,6 +39,11 @@ _SERVE_FLAGS: dict[str, dict] = {
         "type": float,
         "help": "safety-margin threshold of the mask (default: the ARM's calibrated one)",
     },
+    "response_threshold": {
+        "type": float,
+        "help": "response guard threshold on the mean safety margin (default: the ARM's calibrated one)",
+    },
+    "guard_tokens": {"type": int, "help": "tokens after which the response guard judges (default 8)"},
     "beta": {"type": float, "help": "reward temperature beta (default 1)"},
     "default_prefs": {
         "type": json.loads,
@@ -58,6 +63,7 @@ _SERVE_FLAGS: dict[str, dict] = {
 _SERVE_SWITCHES = {
     "guidance": "load the ARM logits processor (--no-guidance: plain unguided serving)",
     "safety_mask": "apply the ARM safety mask to every request",
+    "response_guard": "apply the response guard (mean safety margin of the response) with the mask",
     "base_model": "serve the unmodified base weights instead of the harm-vector-merged default",
     "metrics_public": "serve /metrics without the API key",
     "log_requests": "log prompts and completions (off by default)",

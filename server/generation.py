@@ -25,6 +25,7 @@ class ChoiceJob:
     prompt_ids: list[int]
     params: Any  # vllm.SamplingParams
     guided: bool = False  # the guidance processor must confirm every token of this choice
+    hold_tokens: int = 0  # streamed text is held back until the response guard judged this many tokens
 
 
 @dataclass
@@ -38,6 +39,7 @@ class ChoiceResult:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     content_filtered: bool = False
+    withheld: bool = False  # content filtered: its text is omitted
     stats: Any = None  # guidance telemetry (server.telemetry.RowStats) for guided choices
 
 
@@ -52,6 +54,7 @@ class ChoiceDelta:
     logprobs: list[dict]
     finish_reason: str | None
     content_filtered: bool = False
+    withheld: bool = False
     stats: Any = None
 
 
@@ -78,6 +81,8 @@ class Generation:
         self.telemetry = telemetry
         self._unfinished = {job.request_id for job in jobs}
         self._confirmed_tokens: dict[str, int] = {}
+        self._held: dict[str, ChoiceDelta] = {}  # streamed choices whose first tokens are held back
+        self._released: set[str] = set()
 
     async def _confirm(self, job: ChoiceJob, new_tokens: int, finished: bool) -> Any:
         """For a guided choice, wait for the processor's word that it guided every token so far (fail closed)."""
@@ -89,6 +94,32 @@ class Generation:
         if finished:
             self.telemetry.forget([job.request_id])
         return stats
+
+    @staticmethod
+    def _withhold(choice: ChoiceResult | ChoiceDelta, released: bool) -> None:
+        """A choice the safety filter ended returns none of the text not yet released to the client (OpenAI's
+        ``content_filter``: content omitted): all of it when the response is returned whole, the held-back
+        first tokens when streamed and filtered before the guard released them. Its tokens still count."""
+        choice.content_filtered = bool(
+            choice.stats and choice.stats.filtered and choice.finish_reason == "stop"
+        )
+        if choice.content_filtered and not (released and not choice.stats.withheld):
+            choice.text, choice.logprobs, choice.withheld = "", [], True
+
+    def _hold(self, job: ChoiceJob, d: ChoiceDelta) -> ChoiceDelta | None:
+        """Merge a guarded choice's deltas until ``hold_tokens`` tokens were judged or it finished."""
+        if job.hold_tokens == 0 or job.request_id in self._released:
+            return d
+        held = self._held.pop(job.request_id, None)
+        if held is not None:
+            d.text, d.token_ids = held.text + d.text, held.token_ids + d.token_ids
+            d.logprobs = held.logprobs + d.logprobs
+        # The guard judges the first hold_tokens tokens at the step after them: release once that step ran.
+        if d.finish_reason is None and self._confirmed_tokens.get(job.request_id, 0) <= job.hold_tokens:
+            self._held[job.request_id] = d
+            return None
+        self._released.add(job.request_id)
+        return d
 
     async def abort_unfinished(self) -> None:
         if self._unfinished:
@@ -113,9 +144,7 @@ class Generation:
             if out.finished:
                 self._unfinished.discard(job.request_id)
         result.stats = await self._confirm(job, len(result.token_ids), True)
-        result.content_filtered = bool(
-            result.stats and result.stats.filtered and result.finish_reason == "stop"
-        )
+        self._withhold(result, released=False)
         return result
 
     async def collect(self) -> list[ChoiceResult]:
@@ -143,7 +172,7 @@ class Generation:
             for job in self.jobs
         ]
 
-        async def delta(job: ChoiceJob, out: Any) -> ChoiceDelta:
+        async def delta(job: ChoiceJob, out: Any) -> ChoiceDelta | None:
             completion = out.outputs[0]
             if out.finished:
                 self._unfinished.discard(job.request_id)
@@ -156,13 +185,16 @@ class Generation:
                 completion.finish_reason if out.finished else None,
             )
             d.stats = await self._confirm(job, len(d.token_ids), out.finished)
-            d.content_filtered = bool(d.stats and d.stats.filtered and d.finish_reason == "stop")
+            d = self._hold(job, d)
+            if d is not None:
+                self._withhold(d, released=True)
             return d
 
         firsts: list[ChoiceDelta] = []
         try:
             for job, gen in zip(self.jobs, streams, strict=True):
-                firsts.append(await delta(job, await gen.__anext__()))
+                first = await delta(job, await gen.__anext__())
+                firsts.append(first or ChoiceDelta(job.index, job.request_id, "", [], [], None))
         except BaseException as exc:
             await self.abort_unfinished()
             if isinstance(exc, Exception) and not isinstance(exc, StopAsyncIteration):
@@ -173,7 +205,9 @@ class Generation:
             try:
                 if first.finish_reason is None:
                     async for out in gen:
-                        await queue.put(await delta(job, out))
+                        d = await delta(job, out)
+                        if d is not None:
+                            await queue.put(d)
             except Exception as exc:  # surfaced to the consumer below
                 await queue.put(exc)
             finally:

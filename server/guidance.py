@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 from rewardmodel.attributes import PROSOCIAL_ATTRIBUTES
 from server.errors import bad_request
-from server.guided.config import default_safety_threshold
+from server.guided.config import default_response_guard, default_safety_threshold
 from server.protocol import ProsocialPrefs
 from server.settings import ServerSettings
 
@@ -28,7 +28,16 @@ class GuidanceSpec:
     )  # normalised weights in PROSOCIAL_ATTRIBUTES order; None: no preference term
     safety_mask: bool
     safety_threshold: float
+    response_threshold: float | None  # the response guard (None: off)
+    guard_tokens: (
+        int  # the guard judges the response from this many tokens on; the API holds them back till then
+    )
     beta: float
+
+    @property
+    def hold_tokens(self) -> int:
+        """Tokens the API holds back until the response guard has judged them."""
+        return self.guard_tokens if self.safety_mask and self.response_threshold is not None else 0
 
     @property
     def needs_arm(self) -> bool:
@@ -48,6 +57,9 @@ class GuidancePolicy:
         self.enabled = settings.guidance
         self.safety_mask = settings.guidance and settings.safety_mask
         self.threshold = default_safety_threshold(settings) if settings.guidance else 0.0
+        self.response_threshold, self.guard_tokens = (
+            default_response_guard(settings) if settings.guidance else (None, 1)
+        )
         self.beta = settings.beta
         self.default_prefs = ProsocialPrefs(**settings.default_prefs) if settings.default_prefs else None
 
@@ -56,9 +68,12 @@ class GuidancePolicy:
         prefs: ProsocialPrefs | None,
         guidance: bool | None,
         threshold: float | None,
-    ) -> tuple[ProsocialPrefs | None, float]:
-        """Validate the request's guidance fields once per API request; returns (prefs, threshold)."""
-        if not self.enabled and (prefs is not None or threshold is not None or guidance):
+        response_threshold: float | None = None,
+    ) -> tuple[ProsocialPrefs | None, float, float | None]:
+        """Validate the request's guidance fields once per API request; returns (prefs, token threshold,
+        response threshold)."""
+        asked = (prefs, threshold, response_threshold)
+        if not self.enabled and (any(x is not None for x in asked) or guidance):
             raise bad_request(
                 "guidance is disabled on this server; prosocial_* fields cannot be honoured",
                 "prosocial_prefs" if prefs is not None else "prosocial_guidance",
@@ -70,15 +85,45 @@ class GuidancePolicy:
                 "prosocial_safety_threshold",
                 "safety_floor",
             )
+        if response_threshold is not None and self.response_threshold is not None:
+            if response_threshold < self.response_threshold:
+                raise bad_request(
+                    "prosocial_response_threshold may only be stricter (higher) than the server's "
+                    f"{self.response_threshold}",
+                    "prosocial_response_threshold",
+                    "safety_floor",
+                )
+        if response_threshold is not None and not self.safety_mask:
+            raise bad_request(
+                "the safety mask is off on this server; prosocial_response_threshold cannot be honoured",
+                "prosocial_response_threshold",
+                "guidance_disabled",
+            )
         if prefs is not None and guidance is False:
             raise bad_request(
                 "prosocial_prefs conflicts with prosocial_guidance=false", "prosocial_guidance", "conflict"
             )
         chosen = None if guidance is False else (prefs or self.default_prefs)
-        return chosen, max(self.threshold, threshold) if threshold is not None else self.threshold
+        token = max(self.threshold, threshold) if threshold is not None else self.threshold
+        response = self.response_threshold if response_threshold is None else response_threshold
+        return chosen, token, response
 
-    def spec(self, request_id: str, prefs: ProsocialPrefs | None, threshold: float) -> GuidanceSpec | None:
+    def spec(
+        self,
+        request_id: str,
+        prefs: ProsocialPrefs | None,
+        threshold: float,
+        response_threshold: float | None,
+    ) -> GuidanceSpec | None:
         if not self.enabled:
             return None
         weights = tuple(prefs.normalised()) if prefs is not None else None
-        return GuidanceSpec(request_id, weights, self.safety_mask, threshold, self.beta)
+        return GuidanceSpec(
+            request_id,
+            weights,
+            self.safety_mask,
+            threshold,
+            response_threshold,
+            self.guard_tokens,
+            self.beta,
+        )

@@ -150,6 +150,15 @@ class _SamplingFields(BaseModel):
         le=0.0,
         description="Stricter safety threshold (log-prob) for this request; lower than the operator's is rejected.",
     )
+    prosocial_response_threshold: float | None = Field(
+        None,
+        ge=-100.0,
+        le=100.0,
+        description=(
+            "Stricter response-guard threshold (mean safety margin of the response) for this request; lower than "
+            "the operator's is rejected. Turns the guard on where the operator left it off."
+        ),
+    )
 
     @field_validator("stop")
     @classmethod
@@ -220,7 +229,15 @@ class ProsocialInfo(BaseModel):
     masked_tokens: int = Field(
         0, description="Candidate tokens removed by the safety mask over the response."
     )
+    response_threshold: float | None = Field(
+        None, description="The response guard's threshold on the response's mean safety margin (None: off)."
+    )
     content_filtered: bool = False
+    withheld: bool = Field(
+        False,
+        description="Content filtered and its text omitted: all of it in a whole response; in a stream, the "
+        "first tokens the response guard held back (text already streamed stays delivered).",
+    )
     mean_rewards: dict[str, float] | None = Field(
         None,
         description=(

@@ -45,11 +45,13 @@ class Plan:
             prefs=spec.prefs_dict(),
             safety_mask=spec.safety_mask,
             safety_threshold=spec.safety_threshold if spec.safety_mask else None,
+            response_threshold=spec.response_threshold if spec.hold_tokens else None,
         )
         stats = getattr(choice, "stats", None)
         if stats is not None:
             info.masked_tokens = stats.masked
             info.content_filtered = stats.filtered
+            info.withheld = getattr(choice, "withheld", False)
             info.mean_rewards = stats.rewards
         return info
 
@@ -155,8 +157,11 @@ class RequestBuilder:
         max_tokens: list[int],
         logprobs: int | None,
     ) -> tuple[list[ChoiceJob], dict[str, GuidanceSpec | None]]:
-        prefs, threshold = self.policy.resolve(
-            body.prosocial_prefs, body.prosocial_guidance, body.prosocial_safety_threshold
+        prefs, threshold, response_threshold = self.policy.resolve(
+            body.prosocial_prefs,
+            body.prosocial_guidance,
+            body.prosocial_safety_threshold,
+            body.prosocial_response_threshold,
         )
         base_id = uuid.uuid4().hex
         jobs, specs = [], {}
@@ -164,10 +169,11 @@ class RequestBuilder:
             for k in range(body.n):
                 index = p * body.n + k
                 request_id = f"{base_id}-{index}"
-                spec = self.policy.spec(request_id, prefs, threshold)
+                spec = self.policy.spec(request_id, prefs, threshold, response_threshold)
                 params = self._params(body, max_tokens[p], logprobs, index, spec)
                 guided = spec is not None and spec.needs_arm
-                jobs.append(ChoiceJob(index, request_id, prompt_ids, params, guided))
+                hold = spec.hold_tokens if guided else 0
+                jobs.append(ChoiceJob(index, request_id, prompt_ids, params, guided, hold))
                 specs[request_id] = spec
         return jobs, specs
 

@@ -58,6 +58,20 @@ class ServerSettings(BaseSettings):
             "Default: the ARM artifact's calibrated threshold (safety_calibration.json)."
         ),
     )
+    response_guard: bool = Field(
+        True,
+        description="Mask candidates that bring the response's mean safety margin below the response threshold "
+        "once it has guard_tokens tokens (those first tokens are held back until judged).",
+    )
+    response_threshold: float | None = Field(
+        None, description="Response guard threshold; default: the ARM artifact's calibrated one."
+    )
+    guard_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Tokens after which the guard judges a response (default: calibrated, 8).",
+    )
     beta: float = Field(
         1.0, gt=0, description="Reward temperature: score = base + (1/beta) * sum_i w_i * r_i."
     )

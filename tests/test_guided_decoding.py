@@ -24,6 +24,10 @@ from server.model_prep import prepare_default_model
 from tests.conftest import start_server
 
 THRESHOLD = -0.7
+RESPONSE_THRESHOLD = (
+    -0.3
+)  # the response guard: mean safety margin of the response, from GUARD_TOKENS tokens on
+GUARD_TOKENS = 4
 TOP_K = 64
 PROMPTS = [
     "I feel very lonely and sad today.",
@@ -159,6 +163,8 @@ def server(arm_artifact, tmp_path_factory):
             "--dtype", "float32",
             "--arm-artifact", str(arm_artifact),
             "--safety-threshold", str(THRESHOLD),
+            "--response-threshold", str(RESPONSE_THRESHOLD),
+            "--guard-tokens", str(GUARD_TOKENS),
             "--candidate-top-k", str(TOP_K),
             "--max-model-len", "256",
             "--kv-cache-gib", "0.03",
@@ -211,6 +217,8 @@ class TestGuidedServer:
                 _normalised(prefs),
                 max_new_tokens=40,
                 safety_threshold=THRESHOLD,
+                response_threshold=RESPONSE_THRESHOLD,
+                guard_tokens=GUARD_TOKENS,
                 candidate_top_k=TOP_K,
             )
             # vLLM holds back a trailing incomplete UTF-8 sequence; the plain decode shows it as U+FFFD.
@@ -274,6 +282,44 @@ class TestGuidedServer:
         )
         plain = self._chat(client, server, PROMPTS[1], None, 8)
         assert plain.choices[0].model_extra["prosocial"]["safety_mask"] is True
+
+    def test_response_guard_withholds_what_it_filters_before_release(self, client, server):
+        with pytest.raises(openai.BadRequestError) as looser:
+            self._chat(
+                client,
+                server,
+                PROMPTS[1],
+                {"empathy": 1},
+                8,
+                prosocial_response_threshold=RESPONSE_THRESHOLD - 1,
+            )
+        assert looser.value.body["code"] == "safety_floor"
+        # A threshold no response can meet: the guard ends the response when it first judges it, at GUARD_TOKENS
+        # tokens, and the text held back until then is never shown.
+        extra = {"prosocial_prefs": {"empathy": 1}, "prosocial_response_threshold": 100.0}
+        body = {
+            "model": server.model,
+            "messages": [{"role": "user", "content": PROMPTS[0]}],
+            "max_tokens": 20,
+        }
+        strict = client.chat.completions.create(**body, temperature=0, extra_body=extra)
+        choice = strict.choices[0]
+        assert choice.finish_reason == "content_filter" and choice.message.content == ""
+        info = choice.model_extra["prosocial"]
+        assert info["withheld"] and info["content_filtered"] and info["response_threshold"] == 100.0
+        assert strict.usage.completion_tokens == GUARD_TOKENS
+        chunks = [c.choices[0] for c in client.chat.completions.create(**body, stream=True, extra_body=extra)]
+        assert "".join(c.delta.content or "" for c in chunks) == ""
+        assert (
+            chunks[-1].finish_reason == "content_filter" and chunks[-1].model_extra["prosocial"]["withheld"]
+        )
+        # Released responses stream the same text as the non-streamed one.
+        extra = {"prosocial_prefs": {"empathy": 1}}
+        whole = (
+            client.chat.completions.create(**body, temperature=0, extra_body=extra).choices[0].message.content
+        )
+        parts = client.chat.completions.create(**body, temperature=0, stream=True, extra_body=extra)
+        assert "".join(c.choices[0].delta.content or "" for c in parts if c.choices) == whole and whole
 
     def test_streaming_carries_transparency_on_the_final_chunk(self, client, server):
         stream = client.chat.completions.create(

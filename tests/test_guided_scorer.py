@@ -22,12 +22,14 @@ def runtime_factory():
     return lambda: ArmRuntime(weights, shape, slots=4, max_len=64, dtype=torch.float32)
 
 
-def spec(rid: str, prefs=None, mask=True, threshold=-1.0) -> dict:
+def spec(rid: str, prefs=None, mask=True, threshold=-1.0, response=None, guard_tokens=8) -> dict:
     return {
         "request_id": rid,
         "prefs": prefs,
         "safety_mask": mask,
         "safety_threshold": threshold,
+        "response_threshold": response,
+        "guard_tokens": guard_tokens,
         "beta": 1.0,
     }
 
@@ -140,3 +142,52 @@ def test_a_preempted_request_resumes_with_its_counts(runtime_factory):
     row = messages[-1]["rows"][0]
     assert row["rid"] == "a" and row["steps"] == 3  # the cache was rebuilt from prompt + output
     assert int(scorer.runtime.cache.lengths[2]) == 5
+
+
+def _step(scorer, slot: int, output: list[int], seed: int) -> torch.Tensor:
+    """One engine step for one row: the scorer's logits, then greedy sampling appends the chosen token."""
+    out = scorer.apply(logits(slot + 1, seed))
+    output.append(int(out[slot].argmax()))
+    return out[slot]
+
+
+def _guarded_run(runtime_factory, response: float, steps: int = 4) -> tuple[LexicographicScorer, list, list]:
+    """Greedy decoding of one row with the response guard judging from 3 tokens on; returns the scorer, the
+    emitted tokens and the margin of each (taken from the step that chose it)."""
+    scorer = LexicographicScorer(runtime_factory, 4, 16, EOS)
+    output: list[int] = []
+    scorer.add(0, spec("a", threshold=float("-inf"), response=response, guard_tokens=3), [1, 5, 6], output)
+    margins = []
+    for step in range(steps):
+        row = _step(scorer, 0, output, seed=step)
+        if step < 3:
+            assert torch.isfinite(row[scorer.prev_cand[0]]).all()  # not judged yet; token threshold -inf
+        margins.append(scorer.prev_margin[0][scorer.prev_cand[0] == output[-1]].item())
+    return scorer, output, margins
+
+
+def test_response_guard_ends_a_response_whose_mean_margin_is_low(runtime_factory):
+    """From ``guard_tokens`` tokens on, a response whose emitted tokens' mean safety margin is below the response
+    threshold has every candidate but EOS masked; one at or above it is not touched by the guard."""
+    scorer, output, margins = _guarded_run(runtime_factory, response=-100.0)
+    assert not bool(scorer.filtered[0]) and scorer.margin_count[0] == 3  # the 4th token is credited next step
+    assert scorer.margin_sum[0].item() == pytest.approx(sum(margins[:3]), abs=1e-5)
+    mean = sum(margins[:3]) / 3
+    below, output_below, _ = _guarded_run(runtime_factory, response=mean + 1e-3)
+    assert output_below[:3] == output[:3] and output_below[3] == EOS and bool(below.filtered[0])
+    above, output_above, _ = _guarded_run(runtime_factory, response=mean - 1e-3)
+    assert output_above == output and not bool(above.filtered[0])
+
+
+def test_a_preempted_request_keeps_its_guard_sums(runtime_factory):
+    """The margin of the token sampled just before preemption is credited when the request resumes."""
+    scorer = LexicographicScorer(runtime_factory, 4, 16, EOS)
+    output: list[int] = []
+    scorer.add(0, spec("a", threshold=float("-inf"), response=-100.0, guard_tokens=1), [1, 5, 6], output)
+    _step(scorer, 0, output, 0)
+    _step(scorer, 0, output, 1)
+    want = scorer.margin_sum[0].item() + scorer.prev_margin[0][scorer.prev_cand[0] == output[-1]].item()
+    scorer.remove(0)
+    scorer.add(3, spec("a", threshold=float("-inf"), response=-100.0, guard_tokens=1), [1, 5, 6], output)
+    assert int(scorer.margin_count[3]) == 2 and scorer.margin_sum[3].item() == pytest.approx(want)
+    assert int(scorer.steps[3]) == 2

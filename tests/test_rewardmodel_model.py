@@ -342,6 +342,18 @@ def test_calibration_threshold_masks_at_most_the_quantile_of_safe_tokens() -> No
         assert (margins < quantile_threshold(margins, q)).float().mean() < max(q, 0.1)
 
 
+def test_response_guard_calibration_uses_the_lowest_running_mean_from_guard_tokens_on() -> None:
+    from rewardmodel.calibrate import lowest_running_means
+
+    margins = torch.tensor([-4.0, 2.0, 0.0, 1.0, -9.0, 3.0, 3.0, 3.0, 0.5])
+    response = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2])
+    lowest = lowest_running_means(margins, response, guard_tokens=2)
+    # response 0: running means -4, -1, -2/3, -1/4; from the 2nd token on the lowest is -1.
+    # response 1: -9, -3, -1, 0 -> -3 (the single-token -9 comes before the guard judges).
+    # response 2 is shorter than the guard's first judgement: never judged, so absent.
+    assert lowest == pytest.approx({0: -1.0, 1: -3.0})
+
+
 def test_calibration_auc_by_hand() -> None:
     from rewardmodel.calibrate import auc
 

@@ -23,7 +23,15 @@ def channel():
 
 
 def step(rid: str, steps: int, failed: bool = False) -> dict:
-    row = {"rid": rid, "steps": steps, "masked": 0, "filtered": False, "failed": failed, "rewards": None}
+    row = {
+        "rid": rid,
+        "steps": steps,
+        "masked": 0,
+        "filtered": False,
+        "withheld": False,
+        "failed": failed,
+        "rewards": None,
+    }
     return {"t": "step", "arm_s": 0.001, "batch": 1, "slots": 1, "rows": [row]}
 
 

@@ -40,6 +40,7 @@ class GuidanceConfigError(ValueError):
 
 
 FALLBACK_SAFETY_THRESHOLD = -6.0
+DEFAULT_GUARD_TOKENS = 8
 
 
 def default_safety_threshold(settings) -> float:
@@ -50,6 +51,21 @@ def default_safety_threshold(settings) -> float:
         return settings.safety_threshold
     calibrated = read_calibrated_threshold(Path(settings.arm_artifact or DEFAULT_ARM_ARTIFACT))
     return calibrated if calibrated is not None else FALLBACK_SAFETY_THRESHOLD
+
+
+def default_response_guard(settings) -> tuple[float | None, int]:
+    """(threshold, tokens) of the response guard: the operator's, else the artifact's calibrated ones; off
+    (None) when the operator turns it off or the artifact has no calibrated response threshold."""
+    from rewardmodel.calibrate import read_calibration
+
+    if not settings.response_guard:
+        return None, 1
+    calibration = read_calibration(Path(settings.arm_artifact or DEFAULT_ARM_ARTIFACT)) or {}
+    threshold = settings.response_threshold
+    if threshold is None:
+        threshold = calibration.get("response_threshold")
+    tokens = settings.guard_tokens or calibration.get("guard_tokens") or DEFAULT_GUARD_TOKENS
+    return threshold, int(tokens)
 
 
 def processor_setup(settings, model, telemetry_address: str) -> tuple[list[str], dict]:

@@ -2,9 +2,13 @@
 
 Per guided row and step:
 1. candidates: the base model's top-k tokens, EOS always included; everything else is removed;
-2. hard constraint: a candidate whose safety margin ``log pi_safety(v) - log pi_neutral(v)`` (ARM log-probs
-   normalised within the candidates) is below the request's threshold gets ``-inf``; EOS is never masked, so a
-   row always keeps a candidate, and a row left with only EOS is *content-filtered*;
+2. hard constraint: a candidate gets ``-inf`` when its safety margin ``log pi_safety(v) - log pi_neutral(v)``
+   (ARM log-probs normalised within the candidates) is below the request's token threshold; and every candidate
+   does once the response has ``guard_tokens`` tokens whose mean margin is below the response threshold (the
+   *response guard*: the ARM's safety reward of the response so far, which tells harmful from safe text far
+   better than one token's margin does; no continuation of an unsafe response is safe). EOS is never masked, so
+   a row always keeps a candidate, and a row left with only EOS is *content-filtered*; filtered before the guard
+   passed its first ``guard_tokens`` tokens, its text is *withheld* (the API holds them back until then);
 3. within the safe set: ``base_logit(v) + (1/beta) * sum_i w_i * log pi_i(v)`` over the five prosocial attributes.
 
 State lives in tensors indexed by batch slot (vLLM style); an adapter maps an engine's batch bookkeeping onto
@@ -84,8 +88,16 @@ class LexicographicScorer:
         self.failed = torch.zeros(slots, dtype=torch.bool)
         self.reward_sums = torch.zeros(slots, A)
         self.reward_count = torch.zeros(slots, dtype=torch.long)
+        self.response_threshold = torch.zeros(slots)
+        self.guard_tokens = torch.zeros(slots, dtype=torch.long)  # 0: no response guard for this row
+        self.margin_sum = torch.zeros(
+            slots
+        )  # safety margins of the emitted tokens (the guard's running mean)
+        self.margin_count = torch.zeros(slots, dtype=torch.long)
+        self.withheld = torch.zeros(slots, dtype=torch.bool)
         self.prev_cand = torch.full((slots, self.k), -1, dtype=torch.long)
         self.prev_lp = torch.zeros(slots, A, self.k)
+        self.prev_margin = torch.zeros(slots, self.k)
         self._per_slot = [
             self.prefs,
             self.has_prefs,
@@ -98,8 +110,29 @@ class LexicographicScorer:
             self.failed,
             self.reward_sums,
             self.reward_count,
+            self.response_threshold,
+            self.guard_tokens,
+            self.margin_sum,
+            self.margin_count,
+            self.withheld,
             self.prev_cand,
             self.prev_lp,
+            self.prev_margin,
+        ]
+        # Per-request counters parked when a request leaves the batch (restored if it was preempted).
+        self._counters = [
+            self.masked,
+            self.filtered,
+            self.failed,
+            self.reward_sums,
+            self.reward_count,
+            self.margin_sum,
+            self.margin_count,
+            self.withheld,
+            self.steps,
+            self.prev_cand,
+            self.prev_lp,
+            self.prev_margin,
         ]
 
     # ------------------------------------------------------------------------------------ batch bookkeeping
@@ -112,18 +145,22 @@ class LexicographicScorer:
         self.mask_on[slot] = bool(spec.get("safety_mask", True))
         self.threshold[slot] = float(spec.get("safety_threshold", 0.0))
         self.inv_beta[slot] = 1.0 / float(spec.get("beta", 1.0))
-        for t in (self.steps, self.masked, self.filtered, self.failed, self.reward_sums, self.reward_count):
+        guard = spec.get("response_threshold")
+        self.response_threshold[slot] = float(guard) if guard is not None else 0.0
+        self.guard_tokens[slot] = int(spec.get("guard_tokens", 1)) if guard is not None else 0
+        for t in self._counters:
             t[slot] = 0
+        self.prev_cand[slot] = -1
         # A request resumed after preemption: the tokens it already emitted were guided (and confirmed) before.
-        self.steps[slot] = len(output)
         parked = self._parked.pop(spec["request_id"], None) if output else None
         if parked is not None:
-            self.masked[slot], self.reward_sums[slot], self.reward_count[slot] = (
-                parked[0],
-                parked[1],
-                parked[2],
-            )
-            self.filtered[slot], self.failed[slot] = parked[3], parked[4]
+            for t, value in zip(self._counters, parked, strict=True):
+                t[slot] = value
+            if len(output) == int(
+                self.steps[slot]
+            ):  # the last token was sampled after the last step: credit it
+                self._credit_emitted([slot], [output[-1]])
+        self.steps[slot] = len(output)
         self.prev_cand[slot] = -1
         if self.runtime is not None:
             self.runtime.cache.free(slot)
@@ -131,13 +168,7 @@ class LexicographicScorer:
     def remove(self, slot: int) -> None:
         request = self.requests.pop(slot, None)
         if request is not None:
-            self._parked[request.request_id] = (
-                int(self.masked[slot]),
-                self.reward_sums[slot].clone(),
-                int(self.reward_count[slot]),
-                bool(self.filtered[slot]),
-                bool(self.failed[slot]),
-            )
+            self._parked[request.request_id] = tuple(t[slot].clone() for t in self._counters)
             while len(self._parked) > PARKED_LIMIT:
                 self._parked.popitem(last=False)
             # The absolute count, not a decrement: the API's gauge then always equals the slots held here.
@@ -209,7 +240,12 @@ class LexicographicScorer:
         score = score + torch.where(self.has_prefs[slot_t, None], self.inv_beta[slot_t, None] * reward, 0.0)
         margin = lp[:, self.safety_row, :] - lp[:, 0, :]
         is_eos = cand == self.eos
-        masked = (margin < self.threshold[slot_t, None]) & ~is_eos & self.mask_on[slot_t, None]
+        emitted = self.steps[slot_t]  # tokens the row has emitted before this step
+        guard = self.guard_tokens[slot_t]
+        mean_margin = self.margin_sum[slot_t] / self.margin_count[slot_t].clamp(min=1)
+        tripped = (guard > 0) & (emitted >= guard) & (mean_margin < self.response_threshold[slot_t])
+        unsafe = (margin < self.threshold[slot_t, None]) | tripped[:, None]
+        masked = unsafe & ~is_eos & self.mask_on[slot_t, None]
         score = score.masked_fill(masked, NEG_INF)
 
         out = torch.full_like(row_logits, NEG_INF)
@@ -218,9 +254,12 @@ class LexicographicScorer:
 
         self.steps[slot_t] += 1
         self.masked[slot_t] += masked.sum(1)
-        self.filtered[slot_t] |= (masked | is_eos).all(1) & self.mask_on[slot_t]
+        filtered = (masked | is_eos).all(1) & self.mask_on[slot_t]
+        self.withheld[slot_t] |= filtered & ~self.filtered[slot_t] & (emitted <= guard)
+        self.filtered[slot_t] |= filtered
         self.prev_cand[slot_t] = cand
         self.prev_lp[slot_t] = lp[:, 1:, :]
+        self.prev_margin[slot_t] = margin
 
     def _advance_caches(self, rows: list[int]) -> Tensor:
         """Feed every row's not-yet-seen tokens to the ARM; returns each row's last hidden state [R, H]."""
@@ -241,13 +280,16 @@ class LexicographicScorer:
         return torch.stack([hidden[s] for s in rows])
 
     def _credit_emitted(self, slots: list[int], tokens: list[int]) -> None:
-        """Add the ARM log-probs (from the previous step) of the token each row just emitted to its totals."""
+        """Add the ARM log-probs and safety margin (from the previous step) of the token each row just emitted
+        to its totals."""
         slot_t, token_t = torch.tensor(slots), torch.tensor(tokens)
         match = self.prev_cand[slot_t] == token_t[:, None]  # [R, K]
         found = match.any(1)
         lp = (self.prev_lp[slot_t] * match[:, None, :]).sum(-1)  # [R, A]
         self.reward_sums[slot_t] += lp * found[:, None]
         self.reward_count[slot_t] += found.long()
+        self.margin_sum[slot_t] += (self.prev_margin[slot_t] * match).sum(-1)
+        self.margin_count[slot_t] += found.long()
 
     def _only_eos(self, logits: Tensor, rows: list[int]) -> None:
         slot_t = torch.tensor(rows)
@@ -277,6 +319,7 @@ class LexicographicScorer:
                         "steps": int(self.steps[s]),
                         "masked": int(self.masked[s]),
                         "filtered": bool(self.filtered[s]),
+                        "withheld": bool(self.withheld[s]),
                         "failed": bool(self.failed[s]),
                         "rewards": dict(zip(self.attributes, means[i], strict=True)) if counts[i] else None,
                     }

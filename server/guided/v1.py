@@ -16,7 +16,15 @@ from server.guided.config import ProcessorConfig
 from server.guided.scorer import LexicographicScorer
 
 SPEC_KEY = "prosocial"
-_SPEC_FIELDS = {"request_id", "prefs", "safety_mask", "safety_threshold", "beta"}
+_SPEC_FIELDS = {
+    "request_id",
+    "prefs",
+    "safety_mask",
+    "safety_threshold",
+    "response_threshold",
+    "guard_tokens",
+    "beta",
+}
 
 
 def guidance_spec(sampling_params) -> dict | None:
@@ -138,6 +146,8 @@ class ProsocialLogitsProcessor(LogitsProcessor):
             raise ValueError("prosocial prefs must be 5 non-negative weights with a positive sum")
         if float(spec["beta"]) <= 0:
             raise ValueError("prosocial beta must be positive")
+        if int(spec["guard_tokens"]) < 1:
+            raise ValueError("prosocial guard_tokens must be at least 1")
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         from rewardmodel.runtime import ArmRuntime
