@@ -78,6 +78,10 @@ def benchmark_metrics(kind: str, records: list[dict], judges: dict[str, str]) ->
             for key in ("degenerate", "looping", "templated"):
                 share, n, _ = _share(records, judge, key)
                 figures[f"{key}_rate"] = _figure(share, judge, n)
+    filtered = [r.get("finish_reason") == "content_filter" for r in records]
+    figures["content_filtered_rate"] = _figure(
+        sum(filtered) / len(filtered) if filtered else None, "server (finish_reason)", len(filtered)
+    )
     if kind == SAFE and STRMATCH_JUDGE in judges and DEGENERATION_JUDGE in judges:
         judged = [
             r["judgements"] for r in records if {STRMATCH_JUDGE, DEGENERATION_JUDGE} <= set(r["judgements"])
@@ -107,6 +111,7 @@ def configuration_summary(results: dict) -> dict:
     leakage = _values(results, HARMFUL, "unsafe_leakage")
     refusal = _values(results, HARMFUL, "refusal_rate_keyword")
     looping = _values(results, HARMFUL, "looping_rate")
+    filtered = _values(results, HARMFUL, "content_filtered_rate")
     safe_metrics = results["benchmarks"].get("xstest_safe", {}).get("metrics", {})
 
     def safe_value(metric: str) -> float | None:
@@ -118,6 +123,8 @@ def configuration_summary(results: dict) -> dict:
         "xstest_safe_compliance": safe_value("compliance_rate_strmatch"),
         "xstest_safe_compliance_non_degenerate": safe_value("compliance_rate_non_degenerate"),
         "mean_looping_rate": fmean(looping) if looping else None,
+        "mean_content_filtered_rate": fmean(filtered) if filtered else None,
+        "xstest_safe_content_filtered_rate": safe_value("content_filtered_rate"),
         "xstest_safe_degenerate_rate": safe_value("degenerate_rate"),
         "harmful_benchmarks": sorted(
             name for name, b in results["benchmarks"].items() if b["kind"] == HARMFUL and b["n"] > 0

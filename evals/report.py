@@ -185,6 +185,8 @@ def render_markdown(report: dict) -> str:
                 _pct(entry.get("xstest_safe_compliance")),
                 _pct(entry.get("xstest_safe_compliance_non_degenerate")),
                 _pct(entry.get("mean_looping_rate")),
+                _pct(entry.get("mean_content_filtered_rate")),
+                _pct(entry.get("xstest_safe_content_filtered_rate")),
                 _num(entry.get("mip")),
             ]
         )
@@ -196,6 +198,8 @@ def render_markdown(report: dict) -> str:
             "XSTest safe compliance (string match)",
             "XSTest safe compliance without loops / canned replies",
             "mean looping rate on harmful sets",
+            "content filtered, harmful sets (server)",
+            "content filtered, XSTest safe (server)",
             "MIP",
         ],
         rows,
@@ -205,6 +209,11 @@ def render_markdown(report: dict) -> str:
         ("unsafe_leakage", "Unsafe leakage per benchmark (harm judge)", _pct),
         ("mean_p_harmful", "Mean harm-judge probability (soft leakage)", _num),
         ("refusal_rate_keyword", "Refusal rate per benchmark (keyword, Zou et al. 2023)", _pct),
+        (
+            "content_filtered_rate",
+            "Responses ended by the safety filter (finish_reason content_filter)",
+            _pct,
+        ),
         ("refusal_rate_strmatch", "Refusal rate per benchmark (XSTest string match)", _pct),
         ("compliance_rate_strmatch", "Compliance on safe prompts (XSTest string match)", _pct),
         (

@@ -191,3 +191,17 @@ def test_a_preempted_request_keeps_its_guard_sums(runtime_factory):
     scorer.add(3, spec("a", threshold=float("-inf"), response=-100.0, guard_tokens=1), [1, 5, 6], output)
     assert int(scorer.margin_count[3]) == 2 and scorer.margin_sum[3].item() == pytest.approx(want)
     assert int(scorer.steps[3]) == 2
+
+
+def test_a_request_replaced_in_its_slot_is_parked_like_a_removed_one(runtime_factory):
+    """vLLM can hand a preempted request's slot to another request without reporting the removal."""
+    scorer = LexicographicScorer(runtime_factory, 4, 16, EOS)
+    output: list[int] = []
+    scorer.add(0, spec("a", threshold=float("-inf"), response=-100.0, guard_tokens=1), [1, 5, 6], output)
+    _step(scorer, 0, output, 0)
+    _step(scorer, 0, output, 1)
+    sums = scorer.margin_sum[0].item() + scorer.prev_margin[0][scorer.prev_cand[0] == output[-1]].item()
+    scorer.add(0, spec("b"), [1, 9], [])  # "a" was preempted; "b" takes its slot
+    scorer.add(2, spec("a", threshold=float("-inf"), response=-100.0, guard_tokens=1), [1, 5, 6], output)
+    assert scorer.requests[0].request_id == "b" and int(scorer.margin_count[2]) == 2
+    assert scorer.margin_sum[2].item() == pytest.approx(sums)

@@ -138,6 +138,10 @@ class LexicographicScorer:
     # ------------------------------------------------------------------------------------ batch bookkeeping
     def add(self, slot: int, spec: dict, prompt: list[int], output: list[int]) -> None:
         """A request joins at ``slot`` (new, or resumed after preemption: its cache is rebuilt from the lists)."""
+        if (
+            slot in self.requests
+        ):  # vLLM reuses a removed slot without listing it as removed: park that request
+            self.remove(slot)
         self.requests[slot] = RowRequest(spec["request_id"], list(prompt), output)
         prefs = spec.get("prefs")
         self.has_prefs[slot] = prefs is not None
