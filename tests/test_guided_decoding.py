@@ -322,8 +322,9 @@ class TestGuidedServer:
         assert (
             chunks[-1].finish_reason == "content_filter" and chunks[-1].model_extra["prosocial"]["withheld"]
         )
-        # Released responses stream the same text as the non-streamed one.
+        # Released responses stream the same text as the non-streamed one (this one the guard passes).
         extra = {"prosocial_prefs": {"empathy": 1}}
+        body["messages"] = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPTS[0]}]
         whole = (
             client.chat.completions.create(**body, temperature=0, extra_body=extra).choices[0].message.content
         )

@@ -205,3 +205,18 @@ def test_a_request_replaced_in_its_slot_is_parked_like_a_removed_one(runtime_fac
     scorer.add(2, spec("a", threshold=float("-inf"), response=-100.0, guard_tokens=1), [1, 5, 6], output)
     assert scorer.requests[0].request_id == "b" and int(scorer.margin_count[2]) == 2
     assert scorer.margin_sum[2].item() == pytest.approx(sums)
+
+
+def test_a_request_overwritten_by_a_move_is_parked(runtime_factory):
+    """Condensing the batch moves a request into a preempted one's slot, again without reporting the removal."""
+    scorer = LexicographicScorer(runtime_factory, 4, 16, EOS)
+    output: list[int] = []
+    scorer.add(0, spec("a", threshold=float("-inf"), response=-100.0, guard_tokens=1), [1, 5, 6], output)
+    scorer.add(3, spec("b"), [1, 9], [])
+    _step(scorer, 0, output, 0)
+    _step(scorer, 0, output, 1)
+    count = int(scorer.margin_count[0]) + 1  # the last token is credited on resumption
+    scorer.move(3, 0)
+    assert scorer.requests[0].request_id == "b" and 3 not in scorer.requests
+    scorer.add(1, spec("a", threshold=float("-inf"), response=-100.0, guard_tokens=1), [1, 5, 6], output)
+    assert int(scorer.margin_count[1]) == count == 2

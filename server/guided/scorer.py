@@ -138,9 +138,9 @@ class LexicographicScorer:
     # ------------------------------------------------------------------------------------ batch bookkeeping
     def add(self, slot: int, spec: dict, prompt: list[int], output: list[int]) -> None:
         """A request joins at ``slot`` (new, or resumed after preemption: its cache is rebuilt from the lists)."""
-        if (
-            slot in self.requests
-        ):  # vLLM reuses a removed slot without listing it as removed: park that request
+        # vLLM can give a removed request's slot to a new one without listing it as removed
+        # (``BatchUpdateBuilder.pop_removed``): park it.
+        if slot in self.requests:
             self.remove(slot)
         self.requests[slot] = RowRequest(spec["request_id"], list(prompt), output)
         prefs = spec.get("prefs")
@@ -160,9 +160,8 @@ class LexicographicScorer:
         if parked is not None:
             for t, value in zip(self._counters, parked, strict=True):
                 t[slot] = value
-            if len(output) == int(
-                self.steps[slot]
-            ):  # the last token was sampled after the last step: credit it
+            # The last token was sampled after the last step (so not credited yet): credit it now.
+            if len(output) == int(self.steps[slot]):
                 self._credit_emitted([slot], [output[-1]])
         self.steps[slot] = len(output)
         self.prev_cand[slot] = -1
@@ -181,10 +180,11 @@ class LexicographicScorer:
             self.runtime.cache.free(slot)
 
     def move(self, src: int, dst: int) -> None:
+        # dst held a request vLLM removed without listing it (condensing the batch fills the hole): park it.
+        if dst in self.requests:
+            self.remove(dst)
         if src in self.requests:
             self.requests[dst] = self.requests.pop(src)
-        else:
-            self.requests.pop(dst, None)
         for t in self._per_slot:
             t[dst] = t[src]
         if self.runtime is not None:

@@ -185,7 +185,7 @@ class ProsocialLogitsProcessor(LogitsProcessor):
             return
         for index in batch_update.removed:
             self.scorer.remove(index)
-        # An added request may take the index of a removed one that is then not listed in ``removed``
+        # An added or moved request may take the index of a removed one that is then not listed in ``removed``
         # (``BatchUpdateBuilder.pop_removed``): the scorer parks whatever request held the slot.
         for index, params, prompt_ids, output_ids in batch_update.added:
             spec = guidance_spec(params)
