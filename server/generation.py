@@ -96,14 +96,14 @@ class Generation:
         return stats
 
     @staticmethod
-    def _withhold(choice: ChoiceResult | ChoiceDelta, released: bool) -> None:
+    def _withhold(choice: ChoiceResult | ChoiceDelta, streamed: bool) -> None:
         """A choice the safety filter ended returns none of the text not yet released to the client (OpenAI's
         ``content_filter``: content omitted): all of it when the response is returned whole, the held-back
         first tokens when streamed and filtered before the guard released them. Its tokens still count."""
         choice.content_filtered = bool(
             choice.stats and choice.stats.filtered and choice.finish_reason == "stop"
         )
-        if choice.content_filtered and not (released and not choice.stats.withheld):
+        if choice.content_filtered and (not streamed or choice.stats.withheld):
             choice.text, choice.logprobs, choice.withheld = "", [], True
 
     def _hold(self, job: ChoiceJob, d: ChoiceDelta) -> ChoiceDelta | None:
@@ -144,7 +144,7 @@ class Generation:
             if out.finished:
                 self._unfinished.discard(job.request_id)
         result.stats = await self._confirm(job, len(result.token_ids), True)
-        self._withhold(result, released=False)
+        self._withhold(result, streamed=False)
         return result
 
     async def collect(self) -> list[ChoiceResult]:
@@ -187,7 +187,7 @@ class Generation:
             d.stats = await self._confirm(job, len(d.token_ids), out.finished)
             d = self._hold(job, d)
             if d is not None:
-                self._withhold(d, released=True)
+                self._withhold(d, streamed=True)
             return d
 
         firsts: list[ChoiceDelta] = []

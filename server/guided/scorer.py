@@ -90,9 +90,8 @@ class LexicographicScorer:
         self.reward_count = torch.zeros(slots, dtype=torch.long)
         self.response_threshold = torch.zeros(slots)
         self.guard_tokens = torch.zeros(slots, dtype=torch.long)  # 0: no response guard for this row
-        self.margin_sum = torch.zeros(
-            slots
-        )  # safety margins of the emitted tokens (the guard's running mean)
+        # Sum and count of the emitted tokens' safety margins: the response guard's running mean.
+        self.margin_sum = torch.zeros(slots)
         self.margin_count = torch.zeros(slots, dtype=torch.long)
         self.withheld = torch.zeros(slots, dtype=torch.bool)
         self.prev_cand = torch.full((slots, self.k), -1, dtype=torch.long)
@@ -154,7 +153,6 @@ class LexicographicScorer:
         self.guard_tokens[slot] = int(spec.get("guard_tokens", 1)) if guard is not None else 0
         for t in self._counters:
             t[slot] = 0
-        self.prev_cand[slot] = -1
         # A request resumed after preemption: the tokens it already emitted were guided (and confirmed) before.
         parked = self._parked.pop(spec["request_id"], None) if output else None
         if parked is not None:
