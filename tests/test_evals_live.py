@@ -1,4 +1,4 @@
-"""A small end-to-end evaluation against the real server (``live_server``: real vLLM engine, unguided)."""
+"""A small end-to-end evaluation against the real server (``live_server``: real vLLM engine, the full system)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,9 @@ def test_run_judge_and_resume_against_the_live_server(live_server, tmp_path: Pat
     assert json.loads((tmp_path / "run/run.json").read_text())["model"] == live_server.model
     judged = [json.loads(line) for line in (tmp_path / "run/judged/advbench.jsonl").read_text().splitlines()]
     assert all(set(JUDGES) <= set(record["judgements"]) for record in judged)
-    assert all(record["completion_tokens"] <= 16 and record["response"] for record in judged)
+    for record in judged:  # text, unless the safety filter withheld it
+        assert record["completion_tokens"] <= 16
+        assert bool(record["response"]) != (record["finish_reason"] == "content_filter"), record
 
     # Interrupted mid-write: the second advbench line is cut; a rerun sends exactly one request.
     path = tmp_path / "run/responses/advbench.jsonl"

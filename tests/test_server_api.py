@@ -84,7 +84,9 @@ def test_length_finish_reason_and_max_completion_tokens(client, live_server):
 def test_streaming_matches_non_streaming_and_reports_usage(client, live_server):
     kwargs = dict(
         model=live_server.model,
-        messages=[{"role": "user", "content": "Name three colours."}],
+        # A prompt the response guard lets through: a content-filtered choice returned whole has its text omitted,
+        # while a stream keeps what the guard had already released (docs/method.md).
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
         max_tokens=24,
         temperature=0,
     )
@@ -95,6 +97,7 @@ def test_streaming_matches_non_streaming_and_reports_usage(client, live_server):
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert full.choices[0].finish_reason != "content_filter"
     assert text == full.choices[0].message.content
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == [full.choices[0].finish_reason]
@@ -303,7 +306,7 @@ def test_client_disconnect_aborts_engine_request(live_server):
     """Read a few chunks of a long stream, drop the connection, and check the engine is idle again soon after."""
     body = {
         "model": live_server.model,
-        "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+        "prompt": "Once upon a time, in a small village by the sea,",  # runs long: the response guard passes it
         "max_tokens": 900,
         "temperature": 0,
         "stream": True,
