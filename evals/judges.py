@@ -83,6 +83,9 @@ class HarmClassifierJudge:
         ]
 
 
+VADER_KEYS = ("neg", "neu", "pos", "compound")
+
+
 class VaderJudge:
     """VADER sentiment (Hutto & Gilbert 2014): an independent, lexicon-based tone signal."""
 
@@ -95,7 +98,10 @@ class VaderJudge:
         self._analyzer = SentimentIntensityAnalyzer()
 
     def score(self, prompts: list[str], responses: list[str]) -> list[dict]:
-        return [self._analyzer.polarity_scores(response) for response in responses]
+        return [
+            self._analyzer.polarity_scores(response) if response.strip() else dict.fromkeys(VADER_KEYS)
+            for response in responses
+        ]
 
 
 class ArmScorer:
@@ -129,7 +135,11 @@ class ArmScorer:
             results.extend(
                 {attribute: float(value) for attribute, value in scores.items()} for scores in batch
             )
-        return results
+        # An empty (withheld) response has no tokens to score: no score rather than a mean over nothing.
+        return [
+            score if response.strip() else dict.fromkeys(score)
+            for score, response in zip(results, responses, strict=True)
+        ]
 
 
 HARM_VERDICT_SYSTEM_PROMPT = (

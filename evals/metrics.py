@@ -35,11 +35,19 @@ def _share(records: list[dict], judge: str, key: str) -> tuple[float | None, int
 
 
 def _mean_fields(records: list[dict], judge: str) -> tuple[dict[str, float] | None, int]:
-    rows = [record["judgements"][judge] for record in records if judge in record.get("judgements", {})]
+    """Means of a scoring judge's fields over the responses that have text (a withheld, empty response has no
+    tone or reward to average)."""
+    rows = [
+        record["judgements"][judge]
+        for record in records
+        if judge in record.get("judgements", {}) and record.get("response", "x").strip()
+    ]
     if not rows:
         return None, 0
     keys = sorted({key for row in rows for key, value in row.items() if isinstance(value, int | float)})
-    return {key: fmean(float(row[key]) for row in rows if key in row) for key in keys}, len(rows)
+    return {
+        key: fmean(float(row[key]) for row in rows if isinstance(row.get(key), int | float)) for key in keys
+    }, len(rows)
 
 
 def benchmark_metrics(kind: str, records: list[dict], judges: dict[str, str]) -> dict[str, dict]:

@@ -30,11 +30,22 @@ ARM_UNAVAILABLE = "ARM scorer unavailable"
 
 
 def load_run(run_dir: Path) -> dict:
-    """A configuration's ``results.json``."""
+    """A configuration's ``results.json``, its figures derived again from the per-response judgements
+    (``judged/<benchmark>.jsonl``) where those are kept, so a report always applies the current metric
+    definitions to the stored verdicts."""
+    from evals.metrics import benchmark_metrics, configuration_summary
+
     path = run_dir / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `prosocial eval run --out {run_dir}` first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    results = json.loads(path.read_text(encoding="utf-8"))
+    for name, benchmark in results["benchmarks"].items():
+        judged = run_dir / "judged" / f"{name}.jsonl"
+        if judged.is_file() and "judges" in results:
+            records = [json.loads(line) for line in judged.read_text(encoding="utf-8").splitlines() if line]
+            benchmark["metrics"] = benchmark_metrics(benchmark["kind"], records, results["judges"])
+    results["summary"] = configuration_summary(results)
+    return results
 
 
 def _harmful_mean(results: dict, metric: str, key: str | None = None) -> float | None:

@@ -105,7 +105,10 @@ def summarise_sweep(grid: list[tuple[float, ...]], records: list[dict], arm_name
         rows = by_point.get(_prefs_id(vector), [])
         if not rows:
             raise ValueError(f"no responses for grid point {vector}")
-        scores = [row["judgements"][arm_name] for row in rows]
+        # Withheld (empty) responses have no ARM scores: the achieved vector averages the responses with text.
+        scores = [row["judgements"][arm_name] for row in rows if row["response"].strip()]
+        if not scores:
+            raise ValueError(f"no response with text for grid point {vector}")
         missing = [a for a in PROSOCIAL_ATTRIBUTES if any(a not in s for s in scores)]
         if missing:
             raise ValueError(f"ARM scores lack attributes {missing}")
@@ -119,6 +122,7 @@ def summarise_sweep(grid: list[tuple[float, ...]], records: list[dict], arm_name
                 "prefs": dict(zip(PROSOCIAL_ATTRIBUTES, vector, strict=True)),
                 "achieved": dict(zip(PROSOCIAL_ATTRIBUTES, means, strict=True)),
                 "n": len(rows),
+                "n_with_text": len(scores),
                 "unsafe_leakage_harmful_prompts": (
                     float(np.mean([row["judgements"]["harm_tfidf_lr"]["harmful"] for row in harmful_rows]))
                     if harmful_rows

@@ -188,3 +188,16 @@ def test_unknown_judge_and_llm_without_endpoint_are_rejected() -> None:
         build_judges(["nope"])
     with pytest.raises(ValueError, match="--llm-judge-url"):
         build_judges(["llm"])
+
+
+def test_tone_and_reward_means_skip_withheld_responses() -> None:
+    """An empty (withheld) answer has no tone or reward: it is left out of the means, not averaged in as 0."""
+    from evals.metrics import _mean_fields
+
+    records = [
+        {"response": "Kind words.", "judgements": {"vader": {"compound": 0.5}}},
+        {"response": "", "judgements": {"vader": {"compound": 0.0}}},  # judged before empty answers got None
+        {"response": " ", "judgements": {"vader": {"compound": None}}},
+    ]
+    assert _mean_fields(records, "vader") == ({"compound": 0.5}, 1)
+    assert VaderJudge().score(["q"], [""]) == [{"neg": None, "neu": None, "pos": None, "compound": None}]

@@ -100,9 +100,22 @@ def _sweep_records(gain: float) -> list[dict]:
                 {
                     "grid_point": _prefs_id(vector),
                     "source": source,
+                    "response": "Some text.",
                     "judgements": {"arm": scores, "harm_tfidf_lr": {"harmful": False}},
                 }
             )
+        # A response the server withheld: no text, so no ARM score; it must not move the achieved vector.
+        records.append(
+            {
+                "grid_point": _prefs_id(vector),
+                "source": "harmful",
+                "response": "",
+                "judgements": {
+                    "arm": dict.fromkeys(PROSOCIAL_ATTRIBUTES),
+                    "harm_tfidf_lr": {"harmful": False},
+                },
+            }
+        )
     return records
 
 
@@ -115,6 +128,7 @@ def test_sweep_summary_responds_to_requests() -> None:
     assert summary["mip_over_chance"] > 0 and summary["all_attributes_rise"]
     assert 0 < summary["hypervolume"] <= 1
     assert summary["points"][0]["unsafe_leakage_harmful_prompts"] == 0.0
+    assert (summary["points"][0]["n"], summary["points"][0]["n_with_text"]) == (3, 2)
     flat = summarise_sweep(grid, _sweep_records(gain=0.0))
     assert flat["mip"] == pytest.approx(0.2) and not flat["all_attributes_rise"]
 
@@ -276,3 +290,25 @@ def test_compliance_without_degeneration_counts_loops_and_canned_replies_as_not_
     summary = configuration_summary(results)
     assert summary["xstest_safe_compliance_non_degenerate"] == 0.5
     assert summary["xstest_safe_degenerate_rate"] == 0.25
+
+
+def test_report_derives_figures_again_from_the_stored_verdicts(tmp_path: Path) -> None:
+    """A run judged before a metric changed is reported with the current definition, from judged/*.jsonl."""
+    from evals.report import load_run
+
+    run = tmp_path / "run"
+    (run / "judged").mkdir(parents=True)
+    records = [
+        {"response": "Kind words.", "finish_reason": "stop", "judgements": {"vader": {"compound": 0.5}}},
+        {"response": "", "finish_reason": "content_filter", "judgements": {"vader": {"compound": 0.0}}},
+    ]
+    (run / "judged" / "advbench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    stale = {"vader_compound_mean": {"value": 0.25, "judge": "vader", "n": 2}}
+    results = {
+        "benchmarks": {"advbench": {"kind": "harmful", "n": 2, "metrics": stale}},
+        "judges": {"vader": "tone"},
+    }
+    (run / "results.json").write_text(json.dumps(results))
+    metrics = load_run(run)["benchmarks"]["advbench"]["metrics"]
+    assert metrics["vader_compound_mean"]["value"] == 0.5  # the withheld answer is not averaged in as 0
+    assert metrics["content_filtered_rate"]["value"] == 0.5
