@@ -170,7 +170,7 @@ def test_response_guard_ends_a_response_whose_mean_margin_is_low(runtime_factory
     """From ``guard_tokens`` tokens on, a response whose emitted tokens' mean safety margin is below the response
     threshold has every candidate but EOS masked; one at or above it is not touched by the guard."""
     scorer, output, margins = _guarded_run(runtime_factory, response=-100.0)
-    assert not bool(scorer.filtered[0]) and scorer.margin_count[0] == 3  # the 4th token is credited next step
+    assert not bool(scorer.filtered[0]) and scorer.reward_count[0] == 3  # the 4th token is credited next step
     assert scorer.margin_sum[0].item() == pytest.approx(sum(margins[:3]), abs=1e-5)
     mean = sum(margins[:3]) / 3
     below, output_below, _ = _guarded_run(runtime_factory, response=mean + 1e-3)
@@ -179,44 +179,47 @@ def test_response_guard_ends_a_response_whose_mean_margin_is_low(runtime_factory
     assert output_above == output and not bool(above.filtered[0])
 
 
-def test_a_preempted_request_keeps_its_guard_sums(runtime_factory):
-    """The margin of the token sampled just before preemption is credited when the request resumes."""
+def _two_guarded_steps(runtime_factory) -> tuple[LexicographicScorer, list[int], float]:
+    """Request "a" at slot 0 after two greedy steps; returns the scorer, its output and the margin sum it will
+    have once its last token (sampled, not yet credited) is credited."""
     scorer = LexicographicScorer(runtime_factory, 4, 16, EOS)
     output: list[int] = []
-    scorer.add(0, spec("a", threshold=float("-inf"), response=-100.0, guard_tokens=1), [1, 5, 6], output)
+    scorer.add(0, _guarded_spec(), [1, 5, 6], output)
     _step(scorer, 0, output, 0)
     _step(scorer, 0, output, 1)
-    want = scorer.margin_sum[0].item() + scorer.prev_margin[0][scorer.prev_cand[0] == output[-1]].item()
+    last = scorer.prev_margin[0][scorer.prev_cand[0] == output[-1]].item()
+    return scorer, output, scorer.margin_sum[0].item() + last
+
+
+def _guarded_spec() -> dict:
+    return spec("a", threshold=float("-inf"), response=-100.0, guard_tokens=1)
+
+
+def test_a_preempted_request_keeps_its_guard_sums(runtime_factory):
+    """The margin of the token sampled just before preemption is credited when the request resumes."""
+    scorer, output, want = _two_guarded_steps(runtime_factory)
     scorer.remove(0)
-    scorer.add(3, spec("a", threshold=float("-inf"), response=-100.0, guard_tokens=1), [1, 5, 6], output)
-    assert int(scorer.margin_count[3]) == 2 and scorer.margin_sum[3].item() == pytest.approx(want)
+    scorer.add(3, _guarded_spec(), [1, 5, 6], output)
+    assert int(scorer.reward_count[3]) == 2 and scorer.margin_sum[3].item() == pytest.approx(want)
     assert int(scorer.steps[3]) == 2
 
 
 def test_a_request_replaced_in_its_slot_is_parked_like_a_removed_one(runtime_factory):
     """vLLM can hand a preempted request's slot to another request without reporting the removal."""
-    scorer = LexicographicScorer(runtime_factory, 4, 16, EOS)
-    output: list[int] = []
-    scorer.add(0, spec("a", threshold=float("-inf"), response=-100.0, guard_tokens=1), [1, 5, 6], output)
-    _step(scorer, 0, output, 0)
-    _step(scorer, 0, output, 1)
-    sums = scorer.margin_sum[0].item() + scorer.prev_margin[0][scorer.prev_cand[0] == output[-1]].item()
+    scorer, output, sums = _two_guarded_steps(runtime_factory)
     scorer.add(0, spec("b"), [1, 9], [])  # "a" was preempted; "b" takes its slot
-    scorer.add(2, spec("a", threshold=float("-inf"), response=-100.0, guard_tokens=1), [1, 5, 6], output)
-    assert scorer.requests[0].request_id == "b" and int(scorer.margin_count[2]) == 2
+    scorer.add(2, _guarded_spec(), [1, 5, 6], output)
+    assert scorer.requests[0].request_id == "b" and int(scorer.reward_count[2]) == 2
     assert scorer.margin_sum[2].item() == pytest.approx(sums)
 
 
 def test_a_request_overwritten_by_a_move_is_parked(runtime_factory):
     """Condensing the batch moves a request into a preempted one's slot, again without reporting the removal."""
-    scorer = LexicographicScorer(runtime_factory, 4, 16, EOS)
-    output: list[int] = []
-    scorer.add(0, spec("a", threshold=float("-inf"), response=-100.0, guard_tokens=1), [1, 5, 6], output)
+    scorer, output, sums = _two_guarded_steps(runtime_factory)
     scorer.add(3, spec("b"), [1, 9], [])
-    _step(scorer, 0, output, 0)
-    _step(scorer, 0, output, 1)
-    count = int(scorer.margin_count[0]) + 1  # the last token is credited on resumption
+    count = int(scorer.reward_count[0]) + 1  # the last token is credited on resumption
     scorer.move(3, 0)
     assert scorer.requests[0].request_id == "b" and 3 not in scorer.requests
-    scorer.add(1, spec("a", threshold=float("-inf"), response=-100.0, guard_tokens=1), [1, 5, 6], output)
-    assert int(scorer.margin_count[1]) == count == 2
+    scorer.add(1, _guarded_spec(), [1, 5, 6], output)
+    assert int(scorer.reward_count[1]) == count == 2
+    assert scorer.margin_sum[1].item() == pytest.approx(sums)

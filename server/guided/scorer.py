@@ -87,12 +87,13 @@ class LexicographicScorer:
         self.filtered = torch.zeros(slots, dtype=torch.bool)
         self.failed = torch.zeros(slots, dtype=torch.bool)
         self.reward_sums = torch.zeros(slots, A)
-        self.reward_count = torch.zeros(slots, dtype=torch.long)
+        self.reward_count = torch.zeros(
+            slots, dtype=torch.long
+        )  # emitted tokens credited (rewards and margins)
         self.response_threshold = torch.zeros(slots)
         self.guard_tokens = torch.zeros(slots, dtype=torch.long)  # 0: no response guard for this row
-        # Sum and count of the emitted tokens' safety margins: the response guard's running mean.
+        # Sum of the credited tokens' safety margins: the response guard's running mean is margin_sum / reward_count.
         self.margin_sum = torch.zeros(slots)
-        self.margin_count = torch.zeros(slots, dtype=torch.long)
         self.withheld = torch.zeros(slots, dtype=torch.bool)
         self.prev_cand = torch.full((slots, self.k), -1, dtype=torch.long)
         self.prev_lp = torch.zeros(slots, A, self.k)
@@ -112,7 +113,6 @@ class LexicographicScorer:
             self.response_threshold,
             self.guard_tokens,
             self.margin_sum,
-            self.margin_count,
             self.withheld,
             self.prev_cand,
             self.prev_lp,
@@ -126,7 +126,6 @@ class LexicographicScorer:
             self.reward_sums,
             self.reward_count,
             self.margin_sum,
-            self.margin_count,
             self.withheld,
             self.steps,
             self.prev_cand,
@@ -244,7 +243,7 @@ class LexicographicScorer:
         is_eos = cand == self.eos
         emitted = self.steps[slot_t]  # tokens the row has emitted before this step
         guard = self.guard_tokens[slot_t]
-        mean_margin = self.margin_sum[slot_t] / self.margin_count[slot_t].clamp(min=1)
+        mean_margin = self.margin_sum[slot_t] / self.reward_count[slot_t].clamp(min=1)
         tripped = (guard > 0) & (emitted >= guard) & (mean_margin < self.response_threshold[slot_t])
         unsafe = (margin < self.threshold[slot_t, None]) | tripped[:, None]
         masked = unsafe & ~is_eos & self.mask_on[slot_t, None]
@@ -291,7 +290,6 @@ class LexicographicScorer:
         self.reward_sums[slot_t] += lp * found[:, None]
         self.reward_count[slot_t] += found.long()
         self.margin_sum[slot_t] += (self.prev_margin[slot_t] * match).sum(-1)
-        self.margin_count[slot_t] += found.long()
 
     def _only_eos(self, logits: Tensor, rows: list[int]) -> None:
         slot_t = torch.tensor(rows)
@@ -308,7 +306,9 @@ class LexicographicScorer:
     def _publish_step(self, rows: list[int], seconds: float) -> None:
         slot_t = torch.tensor(rows)
         means = (self.reward_sums[slot_t] / self.reward_count[slot_t, None].clamp(min=1)).tolist()
-        counts = self.reward_count[slot_t].tolist()
+        # One read per tensor for the whole batch, not one per row.
+        counts, steps, masked = (t[slot_t].tolist() for t in (self.reward_count, self.steps, self.masked))
+        filtered, withheld, failed = (t[slot_t].tolist() for t in (self.filtered, self.withheld, self.failed))
         self.publish(
             {
                 "t": "step",
@@ -318,11 +318,11 @@ class LexicographicScorer:
                 "rows": [
                     {
                         "rid": self.requests[s].request_id,
-                        "steps": int(self.steps[s]),
-                        "masked": int(self.masked[s]),
-                        "filtered": bool(self.filtered[s]),
-                        "withheld": bool(self.withheld[s]),
-                        "failed": bool(self.failed[s]),
+                        "steps": steps[i],
+                        "masked": masked[i],
+                        "filtered": filtered[i],
+                        "withheld": withheld[i],
+                        "failed": failed[i],
                         "rewards": dict(zip(self.attributes, means[i], strict=True)) if counts[i] else None,
                     }
                     for i, s in enumerate(rows)
