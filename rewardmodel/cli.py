@@ -56,8 +56,7 @@ def _run_data(args: argparse.Namespace) -> int:
     try:
         pairs = data.build_pairs(data_dir, seed=args.seed)
     except FileNotFoundError as error:
-        print(f"error: --data-dir {data_dir} lacks a source file: {error}", file=sys.stderr)
-        return 2
+        return _fail(f"--data-dir {data_dir} lacks a source file: {error}")
     counts = data.write_splits(pairs, args.out)
     print(f"wrote {sum(cells['total'] for cells in counts.values())} pairs to {args.out}")
     print(data.format_counts_table(counts))
@@ -79,12 +78,15 @@ def _shared_data_dir(given: Path | None) -> Path | None:
 
     data_dir = given if given is not None else data.default_data_dir()
     if not data_dir.is_dir():
-        print(
-            f"error: --data-dir {data_dir} is not a directory (set --data-dir or PROSOCIAL_DATA_DIR)",
-            file=sys.stderr,
-        )
+        _fail(f"--data-dir {data_dir} is not a directory (set --data-dir or PROSOCIAL_DATA_DIR)")
         return None
     return data_dir
+
+
+def _fail(message: str) -> int:
+    """Say what is wrong with the command line (naming the argument) and return the usage-error exit code."""
+    print(f"prosocial rewardmodel: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _positive_int(text: str) -> int:
@@ -171,14 +173,9 @@ def _run_train(args: argparse.Namespace) -> int:
     from rewardmodel.train import TrainConfig, train
 
     if not (args.data / "train.jsonl").is_file():
-        print(
-            f"error: --data {args.data} has no train.jsonl; run `prosocial rewardmodel data` first",
-            file=sys.stderr,
-        )
-        return 2
+        return _fail(f"--data {args.data} has no train.jsonl; run `prosocial rewardmodel data` first")
     if args.base_dir is not None and not (args.base_dir / "config.json").is_file():
-        print(f"error: --base-dir {args.base_dir} is not a Hugging Face model folder", file=sys.stderr)
-        return 2
+        return _fail(f"--base-dir {args.base_dir} is not a Hugging Face model folder")
     config = TrainConfig(
         data_dir=args.data,
         out_dir=args.out,
@@ -211,8 +208,7 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         train(config, command=_command_line())
     except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return _fail(str(error))
     return 0
 
 
@@ -257,14 +253,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     from rewardmodel.evaluate import EvalConfig, run_evaluation
 
     if not (args.artifact / "arm_config.json").is_file():
-        print(
-            f"error: --artifact {args.artifact} is not an ARM artifact folder (no arm_config.json)",
-            file=sys.stderr,
-        )
-        return 2
+        return _fail(f"--artifact {args.artifact} is not an ARM artifact folder (no arm_config.json)")
     if not (args.data / f"{args.split}.jsonl").is_file():
-        print(f"error: --data {args.data} has no {args.split}.jsonl", file=sys.stderr)
-        return 2
+        return _fail(f"--data {args.data} has no {args.split}.jsonl")
     config = EvalConfig(
         data_dir=args.data,
         artifact_dir=args.artifact,
@@ -282,8 +273,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     try:
         report = run_evaluation(config)
     except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return _fail(str(error))
     print(f"mean accuracy {_format_share(report['mean_accuracy'])} -> {args.report}")
     for name, row in [*report["attributes"].items(), ("hh_rlhf", report["safety_hh_rlhf_test"])]:
         print(
@@ -334,18 +324,12 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from server.model_prep import prepare_default_model
 
     if not (args.data / "validation.jsonl").is_file():
-        print(f"prosocial rewardmodel calibrate: --data {args.data} has no validation.jsonl", file=sys.stderr)
-        return 2
+        return _fail(f"--data {args.data} has no validation.jsonl")
     for name in ("quantile", "response_quantile"):
         if not (0 < getattr(args, name) < 0.5):
-            print(
-                f"prosocial rewardmodel calibrate: --{name.replace('_', '-')} must be in (0, 0.5)",
-                file=sys.stderr,
-            )
-            return 2
+            return _fail(f"--{name.replace('_', '-')} must be in (0, 0.5)")
     if not (1 <= args.guard_tokens <= 32):
-        print("prosocial rewardmodel calibrate: --guard-tokens must be in [1, 32]", file=sys.stderr)
-        return 2
+        return _fail("--guard-tokens must be in [1, 32]")
     cfg = CalibrationConfig(
         quantile=args.quantile,
         response_quantile=args.response_quantile,
@@ -411,19 +395,11 @@ def _run_safety_head(args: argparse.Namespace) -> int:
         return 2
     for name in ("train", "validation", "test"):
         if not (args.data / f"{name}.jsonl").is_file():
-            print(
-                f"error: --data {args.data} has no {name}.jsonl; run `prosocial rewardmodel data`",
-                file=sys.stderr,
-            )
-            return 2
+            return _fail(f"--data {args.data} has no {name}.jsonl; run `prosocial rewardmodel data`")
     if not (args.source / "arm_config.json").is_file():
-        print(
-            f"error: --from {args.source} is not an ARM artifact folder (no arm_config.json)", file=sys.stderr
-        )
-        return 2
+        return _fail(f"--from {args.source} is not an ARM artifact folder (no arm_config.json)")
     if args.out.resolve() == args.source.resolve():
-        print("error: --out must differ from --from (the source artifact is kept)", file=sys.stderr)
-        return 2
+        return _fail("--out must differ from --from (the source artifact is kept)")
     torch.set_num_threads(args.num_threads)
     cfg = SafetyHeadConfig(steps=args.steps, lr=args.lr, seed=args.seed, on_policy=not args.no_on_policy)
     result = run(
