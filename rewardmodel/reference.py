@@ -79,11 +79,11 @@ class ReferenceGuidedProcessor(LogitsProcessor):
         selection[:, self.eos] = float("inf")
         cand = torch.topk(selection, self.k, dim=-1).indices
         lp = self._candidate_log_probs(self._last_hidden(input_ids), cand)
+        rewards = lp[:, 1:, :] - lp[:, :1, :]  # each attribute's head against the neutral head
         score = scores.gather(1, cand)
         if self.prefs is not None:
-            rows = [1 + i for i in self.pref_index]
-            score = score + torch.einsum("p,bpk->bk", self.prefs, lp[:, rows, :]) / self.beta
-        margin = lp[:, 1 + self.safety_index, :] - lp[:, 0, :]
+            score = score + torch.einsum("p,bpk->bk", self.prefs, rewards[:, self.pref_index, :]) / self.beta
+        margin = rewards[:, self.safety_index, :]
         self._record_emitted(input_ids)
         if self.safety_mask:
             unsafe = margin < self.threshold

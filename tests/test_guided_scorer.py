@@ -70,8 +70,13 @@ def test_preferences_shift_scores_by_the_weighted_rewards(runtime_factory):
     # Same context, same candidates: the two rows differ only by their preference term.
     cand = torch.isfinite(out[0])
     assert torch.equal(cand, torch.isfinite(out[1]))
-    assert not torch.allclose(out[0][cand], out[1][cand])
-    assert (out[0][cand] - x[0][cand]).max() <= 0  # log-probs are <= 0: rewards only lower a score
+    # Each row's shift is its attribute head's log-prob minus the neutral head's, normalised within the candidates.
+    ids = cand.nonzero().flatten()
+    reference = runtime_factory()
+    lp = reference.candidate_log_probs(reference.prefill(0, [1, 7, 8])[None], ids[None])[0]  # [1 + A, K]
+    helpfulness, empathy = 1 + plain.attributes.index("helpfulness"), 1 + plain.attributes.index("empathy")
+    torch.testing.assert_close(out[0][ids] - x[0][ids], lp[helpfulness] - lp[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[1][ids] - x[1][ids], lp[empathy] - lp[0], atol=1e-4, rtol=0)
 
 
 def test_move_and_swap_carry_request_state(runtime_factory):
@@ -162,7 +167,7 @@ def _guarded_run(runtime_factory, response: float, steps: int = 4) -> tuple[Lexi
         row = _step(scorer, 0, output, seed=step)
         if step < 3:
             assert torch.isfinite(row[scorer.prev_cand[0]]).all()  # not judged yet; token threshold -inf
-        margins.append(scorer.prev_margin[0][scorer.prev_cand[0] == output[-1]].item())
+        margins.append(scorer.prev_rewards[0, scorer.safety_index][scorer.prev_cand[0] == output[-1]].item())
     return scorer, output, margins
 
 
@@ -171,7 +176,7 @@ def test_response_guard_ends_a_response_whose_mean_margin_is_low(runtime_factory
     threshold has every candidate but EOS masked; one at or above it is not touched by the guard."""
     scorer, output, margins = _guarded_run(runtime_factory, response=-100.0)
     assert not bool(scorer.filtered[0]) and scorer.reward_count[0] == 3  # the 4th token is credited next step
-    assert scorer.margin_sum[0].item() == pytest.approx(sum(margins[:3]), abs=1e-5)
+    assert scorer.reward_sums[0, scorer.safety_index].item() == pytest.approx(sum(margins[:3]), abs=1e-5)
     mean = sum(margins[:3]) / 3
     below, output_below, _ = _guarded_run(runtime_factory, response=mean + 1e-3)
     assert output_below[:3] == output[:3] and output_below[3] == EOS and bool(below.filtered[0])
@@ -187,8 +192,8 @@ def _two_guarded_steps(runtime_factory) -> tuple[LexicographicScorer, list[int],
     scorer.add(0, _guarded_spec(), [1, 5, 6], output)
     _step(scorer, 0, output, 0)
     _step(scorer, 0, output, 1)
-    last = scorer.prev_margin[0][scorer.prev_cand[0] == output[-1]].item()
-    return scorer, output, scorer.margin_sum[0].item() + last
+    last = scorer.prev_rewards[0, scorer.safety_index][scorer.prev_cand[0] == output[-1]].item()
+    return scorer, output, scorer.reward_sums[0, scorer.safety_index].item() + last
 
 
 def _guarded_spec() -> dict:
@@ -200,7 +205,7 @@ def test_a_preempted_request_keeps_its_guard_sums(runtime_factory):
     scorer, output, want = _two_guarded_steps(runtime_factory)
     scorer.remove(0)
     scorer.add(3, _guarded_spec(), [1, 5, 6], output)
-    assert int(scorer.reward_count[3]) == 2 and scorer.margin_sum[3].item() == pytest.approx(want)
+    assert int(scorer.reward_count[3]) == 2 and scorer.reward_sums[3, scorer.safety_index].item() == pytest.approx(want)
     assert int(scorer.steps[3]) == 2
 
 
@@ -210,7 +215,7 @@ def test_a_request_replaced_in_its_slot_is_parked_like_a_removed_one(runtime_fac
     scorer.add(0, spec("b"), [1, 9], [])  # "a" was preempted; "b" takes its slot
     scorer.add(2, _guarded_spec(), [1, 5, 6], output)
     assert scorer.requests[0].request_id == "b" and int(scorer.reward_count[2]) == 2
-    assert scorer.margin_sum[2].item() == pytest.approx(sums)
+    assert scorer.reward_sums[2, scorer.safety_index].item() == pytest.approx(sums)
 
 
 def test_a_request_overwritten_by_a_move_is_parked(runtime_factory):
@@ -222,4 +227,4 @@ def test_a_request_overwritten_by_a_move_is_parked(runtime_factory):
     assert scorer.requests[0].request_id == "b" and 3 not in scorer.requests
     scorer.add(1, _guarded_spec(), [1, 5, 6], output)
     assert int(scorer.reward_count[1]) == count == 2
-    assert scorer.margin_sum[1].item() == pytest.approx(sums)
+    assert scorer.reward_sums[1, scorer.safety_index].item() == pytest.approx(sums)

@@ -1,15 +1,18 @@
 """The lexicographic decoding rule, independent of any engine interface.
 
-Per guided row and step:
+Every attribute's token-level reward is its head's log-prob relative to the attribute-free (neutral) head,
+``r_a(v) = log pi_a(v) - log pi_neutral(v)`` (ARM log-probs normalised within the candidates): what the
+attribute's adapter adds, without the fluency prior that every head shares with the ARM's truncated trunk (the
+statistic the evaluation's ARM scorer reports). Per guided row and step:
 1. candidates: the base model's top-k tokens, EOS always included; everything else is removed;
-2. hard constraint: a candidate gets ``-inf`` when its safety margin ``log pi_safety(v) - log pi_neutral(v)``
-   (ARM log-probs normalised within the candidates) is below the request's token threshold; and every candidate
-   does once the response has ``guard_tokens`` tokens whose mean margin is below the response threshold (the
-   *response guard*: the ARM's safety reward of the response so far, which tells harmful from safe text far
-   better than one token's margin does; no continuation of an unsafe response is safe). EOS is never masked, so
-   a row always keeps a candidate, and a row left with only EOS is *content-filtered*; filtered before the guard
-   passed its first ``guard_tokens`` tokens, its text is *withheld* (the API holds them back until then);
-3. within the safe set: ``base_logit(v) + (1/beta) * sum_i w_i * log pi_i(v)`` over the five prosocial attributes.
+2. hard constraint: a candidate gets ``-inf`` when its safety margin ``r_safety(v)`` is below the request's token
+   threshold; and every candidate does once the response has ``guard_tokens`` tokens whose mean margin is below
+   the response threshold (the *response guard*: the ARM's safety reward of the response so far, which tells
+   harmful from safe text far better than one token's margin does; no continuation of an unsafe response is
+   safe). EOS is never masked, so a row always keeps a candidate, and a row left with only EOS is
+   *content-filtered*; filtered before the guard passed its first ``guard_tokens`` tokens, its text is *withheld*
+   (the API holds them back until then);
+3. within the safe set: ``base_logit(v) + (1/beta) * sum_i w_i * r_i(v)`` over the five prosocial attributes.
 
 State lives in tensors indexed by batch slot (vLLM style); an adapter maps an engine's batch bookkeeping onto
 ``add`` / ``remove`` / ``move`` / ``swap`` and calls ``apply`` once per step.
@@ -69,9 +72,9 @@ class LexicographicScorer:
         if self.runtime is not None and set(attrs) != set(ALL_ATTRIBUTES):
             self.runtime, self.error = None, f"ARM attributes {attrs} differ from {ALL_ATTRIBUTES}"
         self.attributes = tuple(attrs)
-        # lp rows from the runtime: 0 = neutral head, 1 + a = attribute a.
-        self.pref_rows = [1 + self.attributes.index(a) for a in PROSOCIAL_ATTRIBUTES]
-        self.safety_row = 1 + self.attributes.index(SAFETY_ATTRIBUTE)
+        # Indices into the per-attribute rewards (the runtime's rows 1.. minus its row 0, the neutral head).
+        self.pref_index = [self.attributes.index(a) for a in PROSOCIAL_ATTRIBUTES]
+        self.safety_index = self.attributes.index(SAFETY_ATTRIBUTE)
         publish({"t": "status", "ready": self.error is None, "error": self.error})
 
         A = len(self.attributes)
@@ -86,18 +89,15 @@ class LexicographicScorer:
         self.masked = torch.zeros(slots, dtype=torch.long)
         self.filtered = torch.zeros(slots, dtype=torch.bool)
         self.failed = torch.zeros(slots, dtype=torch.bool)
+        # Rewards of the emitted tokens credited so far, per attribute; the response guard's running mean margin
+        # is reward_sums[:, safety_index] / reward_count.
         self.reward_sums = torch.zeros(slots, A)
-        self.reward_count = torch.zeros(
-            slots, dtype=torch.long
-        )  # emitted tokens credited (rewards and margins)
+        self.reward_count = torch.zeros(slots, dtype=torch.long)
         self.response_threshold = torch.zeros(slots)
         self.guard_tokens = torch.zeros(slots, dtype=torch.long)  # 0: no response guard for this row
-        # Sum of the credited tokens' safety margins: the response guard's running mean is margin_sum / reward_count.
-        self.margin_sum = torch.zeros(slots)
         self.withheld = torch.zeros(slots, dtype=torch.bool)
         self.prev_cand = torch.full((slots, self.k), -1, dtype=torch.long)
-        self.prev_lp = torch.zeros(slots, A, self.k)
-        self.prev_margin = torch.zeros(slots, self.k)
+        self.prev_rewards = torch.zeros(slots, A, self.k)  # last step's candidate rewards, to credit the emitted one
         self._per_slot = [
             self.prefs,
             self.has_prefs,
@@ -112,11 +112,9 @@ class LexicographicScorer:
             self.reward_count,
             self.response_threshold,
             self.guard_tokens,
-            self.margin_sum,
             self.withheld,
             self.prev_cand,
-            self.prev_lp,
-            self.prev_margin,
+            self.prev_rewards,
         ]
         # Per-request counters parked when a request leaves the batch (restored if it was preempted).
         self._counters = [
@@ -125,12 +123,10 @@ class LexicographicScorer:
             self.failed,
             self.reward_sums,
             self.reward_count,
-            self.margin_sum,
             self.withheld,
             self.steps,
             self.prev_cand,
-            self.prev_lp,
-            self.prev_margin,
+            self.prev_rewards,
         ]
 
     # ------------------------------------------------------------------------------------ batch bookkeeping
@@ -235,15 +231,16 @@ class LexicographicScorer:
         selection[:, self.eos] = float("inf")  # EOS is always a candidate
         cand = torch.topk(selection, self.k, dim=-1).indices  # [R, K]
         lp = self.runtime.candidate_log_probs(hidden.to(self.runtime.dtype), cand)  # [R, 1 + A, K]
+        rewards = lp[:, 1:, :] - lp[:, :1, :]  # [R, A, K]: each attribute's head against the neutral head
 
         score = row_logits.gather(1, cand)
-        reward = torch.einsum("rp,rpk->rk", self.prefs[slot_t], lp[:, self.pref_rows, :])
+        reward = torch.einsum("rp,rpk->rk", self.prefs[slot_t], rewards[:, self.pref_index, :])
         score = score + torch.where(self.has_prefs[slot_t, None], self.inv_beta[slot_t, None] * reward, 0.0)
-        margin = lp[:, self.safety_row, :] - lp[:, 0, :]
+        margin = rewards[:, self.safety_index, :]
         is_eos = cand == self.eos
         emitted = self.steps[slot_t]  # tokens the row has emitted before this step
         guard = self.guard_tokens[slot_t]
-        mean_margin = self.margin_sum[slot_t] / self.reward_count[slot_t].clamp(min=1)
+        mean_margin = self.reward_sums[slot_t, self.safety_index] / self.reward_count[slot_t].clamp(min=1)
         tripped = (guard > 0) & (emitted >= guard) & (mean_margin < self.response_threshold[slot_t])
         unsafe = (margin < self.threshold[slot_t, None]) | tripped[:, None]
         masked = unsafe & ~is_eos & self.mask_on[slot_t, None]
@@ -259,8 +256,7 @@ class LexicographicScorer:
         self.withheld[slot_t] |= filtered & ~self.filtered[slot_t] & (emitted <= guard)
         self.filtered[slot_t] |= filtered
         self.prev_cand[slot_t] = cand
-        self.prev_lp[slot_t] = lp[:, 1:, :]
-        self.prev_margin[slot_t] = margin
+        self.prev_rewards[slot_t] = rewards
 
     def _advance_caches(self, rows: list[int]) -> Tensor:
         """Feed every row's not-yet-seen tokens to the ARM; returns each row's last hidden state [R, H]."""
@@ -281,15 +277,12 @@ class LexicographicScorer:
         return torch.stack([hidden[s] for s in rows])
 
     def _credit_emitted(self, slots: list[int], tokens: list[int]) -> None:
-        """Add the ARM log-probs and safety margin (from the previous step) of the token each row just emitted
-        to its totals."""
+        """Add the rewards (from the previous step) of the token each row just emitted to its totals."""
         slot_t, token_t = torch.tensor(slots), torch.tensor(tokens)
         match = self.prev_cand[slot_t] == token_t[:, None]  # [R, K]
         found = match.any(1)
-        lp = (self.prev_lp[slot_t] * match[:, None, :]).sum(-1)  # [R, A]
-        self.reward_sums[slot_t] += lp * found[:, None]
+        self.reward_sums[slot_t] += (self.prev_rewards[slot_t] * match[:, None, :]).sum(-1)  # [R, A]
         self.reward_count[slot_t] += found.long()
-        self.margin_sum[slot_t] += (self.prev_margin[slot_t] * match).sum(-1)
 
     def _only_eos(self, logits: Tensor, rows: list[int]) -> None:
         slot_t = torch.tensor(rows)
