@@ -205,7 +205,9 @@ def test_a_preempted_request_keeps_its_guard_sums(runtime_factory):
     scorer, output, want = _two_guarded_steps(runtime_factory)
     scorer.remove(0)
     scorer.add(3, _guarded_spec(), [1, 5, 6], output)
-    assert int(scorer.reward_count[3]) == 2 and scorer.reward_sums[3, scorer.safety_index].item() == pytest.approx(want)
+    assert int(scorer.reward_count[3]) == 2 and scorer.reward_sums[
+        3, scorer.safety_index
+    ].item() == pytest.approx(want)
     assert int(scorer.steps[3]) == 2
 
 
