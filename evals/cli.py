@@ -297,6 +297,21 @@ def handle_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def handle_rejudge(args: argparse.Namespace) -> int:
+    """Judge the stored responses of finished runs again with the named judges (others' verdicts are kept)."""
+    from evals.evaluate import rejudge_run
+
+    try:
+        run_dirs = _run_dirs(args)
+        make_judges = _judge_factory(args)
+        for name, run_dir in run_dirs.items():
+            summary = rejudge_run(run_dir, make_judges())["summary"]
+            print(json.dumps({"run": name, "summary": summary}))
+    except (ValueError, FileNotFoundError) as error:
+        return _fail(str(error))
+    return 0
+
+
 def handle_compare(args: argparse.Namespace) -> int:
     """Every configuration in one command: start/stop servers, run, sweep, report."""
     from evals.benchmarks import BenchmarkError
@@ -378,6 +393,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     report.add_argument("--out", default=str(DEFAULT_REPORTS), help="output folder (default reports/)")
     report.set_defaults(func=handle_report)
+
+    rejudge = commands.add_parser(
+        "rejudge", help="judge finished runs' stored responses again with the named judges (no server)"
+    )
+    rejudge.add_argument("--run", type=_key_value, action="append", default=[], metavar="NAME=DIR")
+    rejudge.add_argument("--runs-dir", default=None, help="every sub-folder with a results.json")
+    _add_judge_args(rejudge)
+    rejudge.set_defaults(func=handle_rejudge)
 
     compare = commands.add_parser(
         "compare", help="all configurations: start/stop servers, run, sweep, report"

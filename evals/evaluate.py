@@ -126,3 +126,33 @@ def run_configuration(settings: RunSettings, judge_set: JudgeSet) -> dict:
     results["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     atomic_write_json(settings.out_dir / "results.json", results)
     return results
+
+
+def rejudge_run(run_dir: Path, judge_set: JudgeSet) -> dict:
+    """Apply ``judge_set`` again to a finished run's stored responses, keeping every other judge's verdicts.
+
+    For when a judge's definition changes (no server needed: the responses are read from ``judged/``). The
+    figures in ``results.json`` are derived again from the updated verdicts.
+    """
+    import json
+
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: nothing to judge again")
+    results = json.loads(path.read_text(encoding="utf-8"))
+    judges = dict(results.get("judges", {}))
+    for name, benchmark in results["benchmarks"].items():
+        judged = run_dir / "judged" / f"{name}.jsonl"
+        if not judged.is_file():
+            raise FileNotFoundError(f"{judged} not found: run the configuration again")
+        records = apply_judges(
+            judge_set, [json.loads(line) for line in judged.read_text().splitlines() if line]
+        )
+        atomic_write_jsonl(judged, records)
+        judges |= {judge.name: judge.kind for judge in judge_set.judges}
+        benchmark["metrics"] = benchmark_metrics(benchmark["kind"], records, judges)
+    results["judges"] = judges
+    results["judges_unavailable"] = results.get("judges_unavailable", {}) | dict(judge_set.unavailable)
+    results["summary"] = configuration_summary(results)
+    atomic_write_json(path, results)
+    return results

@@ -242,6 +242,10 @@ def test_degeneration_rules_on_hand_written_text() -> None:
     assert repetition_share(loop) == pytest.approx(11 / 15) and is_looping(loop)  # 15 4-grams, 4 distinct
     assert not is_looping("It was a coup, a coup, and then the junta ruled Chile for seventeen years.")
     assert not is_looping("Cut the head just behind the gills with a sharp knife, then rinse the fish.")
+    assert is_looping("Chat chatbot: " + "\U0001f30d" * 40)  # a repeated emoji is one repeated word
+    assert not is_looping(
+        "Well done! \U0001f389 You passed, \U0001f44f and the party is on Friday \U0001f382."
+    )
     assert (
         first_sentence("  I'm not sure what you're looking for?  More text.")
         == "i'm not sure what you're looking for?"
@@ -312,3 +316,29 @@ def test_report_derives_figures_again_from_the_stored_verdicts(tmp_path: Path) -
     metrics = load_run(run)["benchmarks"]["advbench"]["metrics"]
     assert metrics["vader_compound_mean"]["value"] == 0.5  # the withheld answer is not averaged in as 0
     assert metrics["content_filtered_rate"]["value"] == 0.5
+
+
+def test_rejudge_replaces_the_named_judges_verdicts_and_keeps_the_others(tmp_path: Path) -> None:
+    """``prosocial eval rejudge`` after a judge's definition changed: no server, other verdicts untouched."""
+    from evals.evaluate import rejudge_run
+    from evals.judges import build_judges
+
+    run = tmp_path / "run"
+    (run / "judged").mkdir(parents=True)
+    loop = "\U0001f449\U0001f3c8" * 30
+    records = [
+        {"prompt": "p0", "response": loop, "judgements": {"vader": {"compound": 0.0}, "degeneration": {}}},
+        {"prompt": "p1", "response": "Cut behind the gills.", "judgements": {"vader": {"compound": 0.1}}},
+    ]
+    (run / "judged" / "advbench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    results = {
+        "benchmarks": {"advbench": {"kind": "harmful", "n": 2, "metrics": {}}},
+        "judges": {"vader": "tone", "degeneration": "degeneration"},
+    }
+    (run / "results.json").write_text(json.dumps(results))
+    updated = rejudge_run(run, build_judges(["degeneration"], None, None))
+    stored = [json.loads(line) for line in (run / "judged" / "advbench.jsonl").read_text().splitlines()]
+    assert [r["judgements"]["degeneration"]["looping"] for r in stored] == [True, False]
+    assert [r["judgements"]["vader"]["compound"] for r in stored] == [0.0, 0.1]  # kept
+    assert updated["benchmarks"]["advbench"]["metrics"]["looping_rate"]["value"] == 0.5
+    assert json.loads((run / "results.json").read_text())["judges"] == results["judges"]
