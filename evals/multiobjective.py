@@ -11,7 +11,8 @@ Definitions (all objectives are maximised):
   L1-normalised achieved vector. A response whose attribute scores ignore the request gets about ``1/d``
   (``<w, u> = 1/d`` for the uniform ``u``), so ``mip_over_chance = MIP - 1/d`` is the informative part.
 * **Monotonicity**: per attribute, the least-squares slope of the achieved raw reward against its own weight
-  over the grid, and the mean reward at the largest and smallest weight; "rises" means slope > 0.
+  over the grid, and the mean reward at the largest and smallest weight; "rises" means both: slope > 0 and the
+  mean at the largest weight above the mean at the smallest.
 """
 
 from __future__ import annotations
