@@ -241,7 +241,8 @@ class ProsocialInfo(BaseModel):
     mean_rewards: dict[str, float] | None = Field(
         None,
         description=(
-            "Per-attribute mean ARM log-prob of the emitted tokens (within the candidate set; all but the last token)."
+            "Per-attribute mean ARM reward of the emitted tokens, log pi_attribute - log pi_neutral within the "
+            "candidate set (all but the last token); the safety entry is the response guard's mean margin."
         ),
     )
 

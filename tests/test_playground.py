@@ -193,6 +193,7 @@ def check_transparency(page: Page, pane: str) -> None:
     assert rows["Guided"] == ("yes" if prosocial["guided"] else "no")
     assert rows["Safety mask"] == ("on" if prosocial["safety_mask"] else "off")
     assert rows["Tokens masked"] == str(prosocial["masked_tokens"])
+    assert rows["Content filtered"] == ("yes" if prosocial["content_filtered"] else "no")
     for key, value in (prosocial.get("prefs") or {}).items():
         label = page.locator(f"label[for='pref-{key}']").inner_text()
         assert float(rows[f"Weight: {label}"]) == pytest.approx(value, abs=0.0051)

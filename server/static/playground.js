@@ -248,9 +248,10 @@ const TRANSPARENCY_FIELDS = [
   ["guided", "Guided", (v) => (v ? "yes" : "no")],
   ["safety_mask", "Safety mask", (v) => (v ? "on" : "off")],
   ["safety_threshold", "Safety threshold", (v) => formatNumber(v, 2)],
+  ["response_threshold", "Response guard threshold", (v) => formatNumber(v, 2)],
   ["masked_tokens", "Tokens masked", (v) => String(v)],
-  ["mean_reward", "Mean reward (weighted)", (v) => formatNumber(v)],
-  ["mean_safety_logprob", "Mean safety log-prob", (v) => formatNumber(v)],
+  ["content_filtered", "Content filtered", (v) => (v ? "yes" : "no")],
+  ["withheld", "Text withheld", (v) => (v ? "yes" : "no")],
 ];
 
 function renderTransparency(container, prosocial) {
