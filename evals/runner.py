@@ -125,6 +125,8 @@ async def _request(client, endpoint: Endpoint, sampling: SamplingSettings, job: 
         "completion_tokens": usage.completion_tokens if usage else None,
         "latency_s": round(time.perf_counter() - started, 4),
         "served_model": completion.model,
+        # The server's transparency object (mean ARM rewards, masked tokens, ...); None from other servers.
+        "prosocial": (choice.model_extra or {}).get("prosocial"),
     }
 
 

@@ -100,8 +100,9 @@ class Generation:
         """A choice the safety filter ended returns none of the text not yet released to the client (OpenAI's
         ``content_filter``: content omitted): all of it when the response is returned whole, the held-back
         first tokens when streamed and filtered before the guard released them. Its tokens still count."""
+        # Finished after the filter: by EOS, or by the length limit when the client set ignore_eos.
         choice.content_filtered = bool(
-            choice.stats and choice.stats.filtered and choice.finish_reason == "stop"
+            choice.stats and choice.stats.filtered and choice.finish_reason is not None
         )
         if choice.content_filtered and (not streamed or choice.stats.withheld):
             choice.text, choice.logprobs, choice.withheld = "", [], True
@@ -114,8 +115,11 @@ class Generation:
         if held is not None:
             d.text, d.token_ids = held.text + d.text, held.token_ids + d.token_ids
             d.logprobs = held.logprobs + d.logprobs
-        # The guard judges the first hold_tokens tokens at the step after them: release once that step ran.
-        if d.finish_reason is None and self._confirmed_tokens.get(job.request_id, 0) <= job.hold_tokens:
+        # The guard judges the first hold_tokens tokens at the step after them: release once that step ran,
+        # unless it ended the response there (with ignore_eos the row then runs on, emitting only EOS).
+        judging = self._confirmed_tokens.get(job.request_id, 0) <= job.hold_tokens
+        withheld = d.stats is not None and d.stats.withheld
+        if d.finish_reason is None and (judging or withheld):
             self._held[job.request_id] = d
             return None
         self._released.add(job.request_id)

@@ -48,6 +48,7 @@ def test_run_judge_and_resume_against_the_live_server(live_server, tmp_path: Pat
     for record in judged:  # text, unless the safety filter withheld it
         assert record["completion_tokens"] <= 16
         assert bool(record["response"]) != (record["finish_reason"] == "content_filter"), record
+        assert record["prosocial"]["content_filtered"] == (record["finish_reason"] == "content_filter")
 
     # Interrupted mid-write: the second advbench line is cut; a rerun sends exactly one request.
     path = tmp_path / "run/responses/advbench.jsonl"

@@ -25,9 +25,10 @@ from tests.conftest import start_server
 
 THRESHOLD = -0.7
 # The response guard (mean safety margin of the response, judged from GUARD_TOKENS tokens on): with this development
-# ARM it ends three of the nine mixed-batch requests, two at its first judgement and one later.
-RESPONSE_THRESHOLD = 0.0
+# ARM it ends four of the nine mixed-batch requests, one at its first judgement and three later.
+RESPONSE_THRESHOLD = 0.5
 GUARD_TOKENS = 4
+HEAD_NOISE = 0.05
 TOP_K = 64
 EOS = 2
 PROMPTS = [
@@ -52,13 +53,14 @@ PREFS = [
 
 
 def dev_arm(seed: int = 0) -> MultiAttributeARM:
-    """A base-initialised ARM with seeded random adapters (so every head differs from the base)."""
+    """A base-initialised ARM with seeded random adapters, the head adapters large enough that every attribute's
+    reward (its head against the neutral one) changes which token wins."""
     torch.manual_seed(seed)
     arm = MultiAttributeARM.from_base(prepare_default_model(), ArmConfig(num_layers=8))
     with torch.no_grad():
-        for p in arm.parameters():
+        for name, p in arm.named_parameters():
             if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.02)
+                p.add_(torch.randn_like(p) * (HEAD_NOISE if name.startswith("head_") else 0.02))
     return arm.eval()
 
 
@@ -322,6 +324,18 @@ class TestGuidedServer:
         assert (
             chunks[-1].finish_reason == "content_filter" and chunks[-1].model_extra["prosocial"]["withheld"]
         )
+        # ignore_eos keeps the row running on EOS after the filter: still content-filtered and withheld, every
+        # token confirmed as guided (no 503), whole and streamed.
+        running = client.chat.completions.create(
+            **body, temperature=0, extra_body=extra | {"ignore_eos": True}
+        )
+        choice = running.choices[0]
+        assert choice.finish_reason == "content_filter" and choice.message.content == ""
+        assert choice.model_extra["prosocial"]["withheld"] and running.usage.completion_tokens == 20
+        stream = client.chat.completions.create(**body, stream=True, extra_body=extra | {"ignore_eos": True})
+        chunks = [c.choices[0] for c in stream]
+        assert "".join(c.delta.content or "" for c in chunks) == ""
+        assert chunks[-1].finish_reason == "content_filter"
         # Released responses stream the same text as the non-streamed one (this one the guard passes).
         extra = {"prosocial_prefs": {"empathy": 1}}
         body["messages"] = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPTS[0]}]

@@ -59,6 +59,21 @@ def test_eos_survives_a_mask_that_rejects_everything(runtime_factory):
     assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [EOS]
     row = messages[-1]["rows"][0]
     assert row["filtered"] is True and row["masked"] == 15 and row["failed"] is False
+    # With ignore_eos (or min_tokens) the row runs on: EOS only, and every such step is counted as guided.
+    scorer.requests[0].output.append(EOS)
+    out = scorer.apply(logits(1, seed=3))
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [EOS]
+    assert messages[-1]["rows"][0]["steps"] == 2
+
+
+def test_a_filtered_row_keeps_eos_where_min_tokens_removed_it(runtime_factory):
+    """vLLM's min_tokens processor runs first and sets EOS to -inf; the filter must still leave EOS."""
+    scorer = LexicographicScorer(runtime_factory, 4, 16, EOS)
+    scorer.add(0, spec("a", threshold=float("inf")), [1, 5, 6], [])
+    x = logits(1)
+    x[0, EOS] = float("-inf")
+    out = scorer.apply(x)
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [EOS] and bool(scorer.filtered[0])
 
 
 def test_preferences_shift_scores_by_the_weighted_rewards(runtime_factory):

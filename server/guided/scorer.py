@@ -218,8 +218,13 @@ class LexicographicScorer:
 
     def _guide(self, logits: Tensor, rows: list[int]) -> None:
         ended = (self.failed | self.filtered)[torch.tensor(rows)].tolist()  # one read, not one per row
-        if any(ended):  # already failed or filtered rows only get EOS until the engine removes them
-            self._only_eos(logits, [s for s, e in zip(rows, ended, strict=True) if e])
+        if any(ended):
+            # Failed or filtered rows only get EOS until they finish. That is one step when EOS stops them; with
+            # ``ignore_eos`` they run on, and each of those steps counts as guided (the API confirms every token
+            # it releases).
+            ended_rows = [s for s, e in zip(rows, ended, strict=True) if e]
+            self._only_eos(logits, ended_rows)
+            self.steps[torch.tensor(ended_rows)] += 1
             rows = [s for s, e in zip(rows, ended, strict=True) if not e]
             if not rows:
                 return
@@ -246,7 +251,10 @@ class LexicographicScorer:
         tripped = (guard > 0) & (emitted >= guard) & (mean_margin < self.response_threshold[slot_t])
         unsafe = (margin < self.threshold[slot_t, None]) | tripped[:, None]
         masked = unsafe & ~is_eos & self.mask_on[slot_t, None]
+        filtered = (masked | is_eos).all(1) & self.mask_on[slot_t]
         score = score.masked_fill(masked, NEG_INF)
+        # A filtered row keeps EOS even where an earlier processor (vLLM's min_tokens) set it to -inf.
+        score = torch.where(is_eos & filtered[:, None], score.nan_to_num(neginf=0.0), score)
 
         out = torch.full_like(row_logits, NEG_INF)
         out.scatter_(1, cand, score)
@@ -254,7 +262,6 @@ class LexicographicScorer:
 
         self.steps[slot_t] += 1
         self.masked[slot_t] += masked.sum(1)
-        filtered = (masked | is_eos).all(1) & self.mask_on[slot_t]
         self.withheld[slot_t] |= filtered & ~self.filtered[slot_t] & (emitted <= guard)
         self.filtered[slot_t] |= filtered
         self.prev_cand[slot_t] = cand
