@@ -147,6 +147,7 @@ class LoadResult:
     ttft_ms: list[float]
     latency_s: list[float]
     errors: int
+    content_filtered: int = 0  # choices the safety filter ended (with ignore_eos they then emit only EOS)
 
     @property
     def tok_s(self) -> float:
@@ -161,6 +162,7 @@ class LoadResult:
             "tok_s": round(self.tok_s, 2),
             "ttft_p50_ms": round(statistics.median(ttft), 1) if ttft else None,
             "errors": self.errors,
+            "content_filtered": self.content_filtered,
         }
 
 
@@ -176,7 +178,7 @@ async def run_load(
     """Stream every prompt through the chat endpoint, ``concurrency`` at a time, ``max_tokens`` each (ignore_eos)."""
     client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key=api_key, max_retries=0, timeout=600)
     semaphore = asyncio.Semaphore(concurrency)
-    ttfts, latencies, tokens, errors = [], [], [0], [0]
+    ttfts, latencies, tokens, errors, filtered = [], [], [0], [0], [0]
 
     async def one(i: int, prompt: str) -> None:
         async with semaphore:
@@ -197,6 +199,8 @@ async def run_load(
                         first = time.perf_counter()
                     if chunk.usage is not None:
                         tokens[0] += chunk.usage.completion_tokens
+                    if chunk.choices and chunk.choices[0].finish_reason == "content_filter":
+                        filtered[0] += 1
             except openai.APIError:
                 errors[0] += 1
                 return
@@ -208,7 +212,7 @@ async def run_load(
     await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
     wall = time.perf_counter() - start
     await client.close()
-    return LoadResult(len(prompts), tokens[0], wall, ttfts, latencies, errors[0])
+    return LoadResult(len(prompts), tokens[0], wall, ttfts, latencies, errors[0], filtered[0])
 
 
 def write_report(path: Path, report: dict) -> None:
