@@ -73,7 +73,9 @@ class ServerSettings(BaseSettings):
         description="Tokens after which the guard judges a response (default: calibrated, 8).",
     )
     beta: float = Field(
-        1.0, gt=0, description="Reward temperature: score = base + (1/beta) * sum_i w_i * r_i."
+        1.0,
+        gt=0,
+        description="Reward temperature: score = base + (1/beta) * sum_i w_i * r_i, r_i = log pi_i - log pi_neutral.",
     )
     default_prefs: dict[str, float] | None = Field(
         default_factory=lambda: dict.fromkeys(PROSOCIAL_ATTRIBUTES, 1.0),
