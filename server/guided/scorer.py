@@ -97,9 +97,8 @@ class LexicographicScorer:
         self.guard_tokens = torch.zeros(slots, dtype=torch.long)  # 0: no response guard for this row
         self.withheld = torch.zeros(slots, dtype=torch.bool)
         self.prev_cand = torch.full((slots, self.k), -1, dtype=torch.long)
-        self.prev_rewards = torch.zeros(
-            slots, A, self.k
-        )  # last step's candidate rewards, to credit the emitted one
+        # Last step's candidate rewards, to credit the one each row emitted.
+        self.prev_rewards = torch.zeros(slots, A, self.k)
         self._per_slot = [
             self.prefs,
             self.has_prefs,
