@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
@@ -128,31 +129,44 @@ def run_configuration(settings: RunSettings, judge_set: JudgeSet) -> dict:
     return results
 
 
+def stored_verdicts(run_dir: Path, benchmark: str) -> list[dict] | None:
+    """A finished run's judged responses for one benchmark (``judged/<benchmark>.jsonl``), None if not kept."""
+    path = run_dir / "judged" / f"{benchmark}.jsonl"
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def derive_figures(results: dict, verdicts: dict[str, list[dict]]) -> dict:
+    """Every benchmark's figures that has per-response verdicts, and the summary, derived again from them."""
+    for name, records in verdicts.items():
+        benchmark = results["benchmarks"][name]
+        benchmark["metrics"] = benchmark_metrics(benchmark["kind"], records, results["judges"])
+    results["summary"] = configuration_summary(results)
+    return results
+
+
 def rejudge_run(run_dir: Path, judge_set: JudgeSet) -> dict:
     """Apply ``judge_set`` again to a finished run's stored responses, keeping every other judge's verdicts.
 
     For when a judge's definition changes (no server needed: the responses are read from ``judged/``). The
     figures in ``results.json`` are derived again from the updated verdicts.
     """
-    import json
-
     path = run_dir / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: nothing to judge again")
     results = json.loads(path.read_text(encoding="utf-8"))
-    judges = dict(results.get("judges", {}))
-    for name, benchmark in results["benchmarks"].items():
-        judged = run_dir / "judged" / f"{name}.jsonl"
-        if not judged.is_file():
-            raise FileNotFoundError(f"{judged} not found: run the configuration again")
-        records = apply_judges(
-            judge_set, [json.loads(line) for line in judged.read_text().splitlines() if line]
-        )
-        atomic_write_jsonl(judged, records)
-        judges |= {judge.name: judge.kind for judge in judge_set.judges}
-        benchmark["metrics"] = benchmark_metrics(benchmark["kind"], records, judges)
-    results["judges"] = judges
+    verdicts = {}
+    for name in results["benchmarks"]:
+        records = stored_verdicts(run_dir, name)
+        if records is None:
+            raise FileNotFoundError(
+                f"{run_dir / 'judged' / name}.jsonl not found: run the configuration again"
+            )
+        verdicts[name] = apply_judges(judge_set, records)
+        atomic_write_jsonl(run_dir / "judged" / f"{name}.jsonl", verdicts[name])
+    results["judges"] = results.get("judges", {}) | {judge.name: judge.kind for judge in judge_set.judges}
     results["judges_unavailable"] = results.get("judges_unavailable", {}) | dict(judge_set.unavailable)
-    results["summary"] = configuration_summary(results)
+    derive_figures(results, verdicts)
     atomic_write_json(path, results)
     return results

@@ -15,7 +15,7 @@ from pathlib import Path
 from statistics import fmean
 
 from evals.benchmarks import HARMFUL
-from evals.evaluate import git_commit
+from evals.evaluate import derive_figures, git_commit, stored_verdicts
 from evals.harm_judge import MIN_BALANCED_ACCURACY, judge_summary, load_default_classifier
 from evals.jsonio import atomic_write_json, atomic_write_text
 from rewardmodel.attributes import PROSOCIAL_ATTRIBUTES
@@ -33,19 +33,13 @@ def load_run(run_dir: Path) -> dict:
     """A configuration's ``results.json``, its figures derived again from the per-response judgements
     (``judged/<benchmark>.jsonl``) where those are kept, so a report always applies the current metric
     definitions to the stored verdicts."""
-    from evals.metrics import benchmark_metrics, configuration_summary
-
     path = run_dir / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `prosocial eval run --out {run_dir}` first")
     results = json.loads(path.read_text(encoding="utf-8"))
-    for name, benchmark in results["benchmarks"].items():
-        judged = run_dir / "judged" / f"{name}.jsonl"
-        if judged.is_file() and "judges" in results:
-            records = [json.loads(line) for line in judged.read_text(encoding="utf-8").splitlines() if line]
-            benchmark["metrics"] = benchmark_metrics(benchmark["kind"], records, results["judges"])
-    results["summary"] = configuration_summary(results)
-    return results
+    verdicts = {name: stored_verdicts(run_dir, name) for name in results["benchmarks"]}
+    kept = {name: records for name, records in verdicts.items() if records is not None}
+    return derive_figures(results, kept if "judges" in results else {})
 
 
 def _harmful_mean(results: dict, metric: str, key: str | None = None) -> float | None:

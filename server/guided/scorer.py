@@ -221,9 +221,9 @@ class LexicographicScorer:
             # Failed or filtered rows only get EOS until they finish. That is one step when EOS stops them; with
             # ``ignore_eos`` they run on, and each of those steps counts as guided (the API confirms every token
             # it releases).
-            ended_rows = [s for s, e in zip(rows, ended, strict=True) if e]
-            self._only_eos(logits, ended_rows)
-            self.steps[torch.tensor(ended_rows)] += 1
+            ended_t = torch.tensor([s for s, e in zip(rows, ended, strict=True) if e])
+            self._only_eos(logits, ended_t)
+            self.steps[ended_t] += 1
             rows = [s for s, e in zip(rows, ended, strict=True) if not e]
             if not rows:
                 return
@@ -251,9 +251,9 @@ class LexicographicScorer:
         unsafe = (margin < self.threshold[slot_t, None]) | tripped[:, None]
         masked = unsafe & ~is_eos & self.mask_on[slot_t, None]
         filtered = (masked | is_eos).all(1) & self.mask_on[slot_t]
-        score = score.masked_fill(masked, NEG_INF)
+        score.masked_fill_(masked, NEG_INF)  # score is this step's own tensor: edited in place
         # A filtered row keeps EOS even where an earlier processor (vLLM's min_tokens) set it to -inf.
-        score = torch.where(is_eos & filtered[:, None], score.nan_to_num(neginf=0.0), score)
+        score.masked_fill_(is_eos & filtered[:, None] & score.isneginf(), 0.0)
 
         out = torch.full_like(row_logits, NEG_INF)
         out.scatter_(1, cand, score)
@@ -292,15 +292,15 @@ class LexicographicScorer:
         self.reward_sums[slot_t] += (self.prev_rewards[slot_t] * match[:, None, :]).sum(-1)  # [R, A]
         self.reward_count[slot_t] += found.long()
 
-    def _only_eos(self, logits: Tensor, rows: list[int]) -> None:
-        slot_t = torch.tensor(rows)
+    def _only_eos(self, logits: Tensor, slot_t: Tensor) -> None:
         eos_values = logits[slot_t, self.eos].clone()
         logits[slot_t] = NEG_INF
         logits[slot_t, self.eos] = torch.nan_to_num(eos_values, neginf=0.0)
 
     def _fail(self, logits: Tensor, rows: list[int], reason: str) -> None:
-        self.failed[torch.tensor(rows)] = True
-        self._only_eos(logits, rows)
+        slot_t = torch.tensor(rows)
+        self.failed[slot_t] = True
+        self._only_eos(logits, slot_t)
         self.publish({"t": "failure", "reason": reason, "rids": [self.requests[s].request_id for s in rows]})
 
     # ------------------------------------------------------------------------------------------- telemetry
