@@ -143,10 +143,12 @@ def reference_tok_s(
 
 
 def arm_ms_per_token(
-    contexts: tuple[int, ...] = (32, 512), batch: int = 16, steps: int = 24
+    contexts: tuple[int, ...] = (32, 512), batch: int = 16, steps: int = 24, threads: int = 1
 ) -> dict[str, float]:
-    """Wall time of the ARM runtime's decode step per row, with every row at a given context length.
+    """Wall time of the ARM runtime's decode step (trunk and heads) per row, every row at a given context length.
 
+    With ``threads`` compute threads: vLLM's CPU worker, where the processor runs, keeps one core of this 2-core
+    machine for itself and leaves the other to the API process (its log: "Reducing Torch threads from 2 to 1").
     The median step, not the mean: on a shared machine one preempted step would otherwise move the figure.
     """
     from rewardmodel.runtime import ArmRuntime
@@ -165,6 +167,8 @@ def arm_ms_per_token(
     )
     rng = random.Random(0)
     result = {}
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     for context in contexts:
         for slot in range(batch):
             runtime.prefill(slot, [rng.randrange(1000, 40000) for _ in range(context)])
@@ -178,6 +182,7 @@ def arm_ms_per_token(
             runtime.candidate_log_probs(h, cand)
             times.append(time.perf_counter() - start)
         result[str(context)] = round(statistics.median(times) * 1000 / batch, 3)
+    torch.set_num_threads(previous_threads)
     return result
 
 
@@ -303,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             "method": "streaming chat requests, greedy, ignore_eos, 128 tokens; our servers loaded alternately; "
             "the guided server without the response guard (every row pays the ARM for all 128 tokens); "
             "reference = transformers generate (bf16) + ReferenceGuidedProcessor with full ARM recompute per step; "
-            f"per-request-prefs reference measured on {args.reference_requests} requests run one at a time",
+            f"per-request-prefs reference measured on {args.reference_requests} requests run one at a time; "
+            "ARM ms per token: the runtime alone with the engine's kernels, one thread as in vLLM's CPU worker",
             "command": "python -m bench.guided " + shlex.join(sys.argv[1:] if argv is None else argv),
         }
     )

@@ -6,8 +6,9 @@ preallocated KV cache; its prompt is prefilled once, then every step feeds only 
 are evaluated on a small candidate set per row (the base model's top-k), so one step costs the trunk on one
 token per row plus ``(attributes + 1) x k`` dot products.
 
-The matrix product and the attention are injectable (``linear=``, ``attention=``): the defaults are plain PyTorch
-and run on any device; the vLLM adapter passes the engine's own CPU kernels (``server/guided/v1.py``).
+The matrix product, the attention and the small fused operations (RMSNorm with the residual add, rotary
+embedding, SwiGLU) are injectable (``linear=``, ``attention=``, ``ops=``): the defaults are plain PyTorch and run on
+any device; the vLLM adapter passes the engine's own CPU kernels (``server/guided/v1.py``).
 
 Weights come from ``rewardmodel.artifact.arm_weights_for_serving`` (LoRA already merged into the trunk).
 """
@@ -110,9 +111,50 @@ class _Step:
 
     slots: Tensor  # [B] cache slot of each row
     positions: Tensor  # [B, T] position of each new token
-    cos: Tensor  # [B, T, 1, D] rotary tables
-    sin: Tensor
+    rope: object = None  # the ops' rotary tables for these positions, built once for all layers
     plan: object = None  # the attention implementation's per-pass bookkeeping, built once for all layers
+
+
+class TorchTrunkOps:
+    """The trunk's element-wise operations in plain PyTorch, as transformers' Llama computes them (any device).
+
+    Activations are ``[tokens, hidden]``. ``add_rms_norm`` returns ``(norm(x + residual), x + residual)``; an engine
+    may do it in place in one fused kernel (``server/guided``), so callers use only what it returns.
+    """
+
+    def __init__(self, shape: ArmShape, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        half = torch.arange(0, shape.head_dim, 2, dtype=torch.float32, device=device)
+        self.inv_freq = 1.0 / (shape.rope_theta ** (half / shape.head_dim))
+        self.shape, self.dtype = shape, dtype
+
+    @staticmethod
+    def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """As transformers' LlamaRMSNorm: normalise in float32, scale in the weight's dtype."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * xf.to(x.dtype)
+
+    def add_rms_norm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        residual = residual + x
+        return self.rms_norm(residual, weight, eps), residual
+
+    @staticmethod
+    def silu_and_mul(gate_up: Tensor) -> Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def rope_tables(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin ``[tokens, 1, head_dim]`` for flat ``positions``."""
+        freqs = positions.float()[:, None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def rope(self, q: Tensor, k: Tensor, tables: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Rotate ``q`` [tokens, heads * D] and ``k`` [tokens, kv_heads * D] (GPT-NeoX layout, as Llama)."""
+        cos, sin = tables
+        D = self.shape.head_dim
+        q, k = q.view(q.shape[0], -1, D), k.view(k.shape[0], -1, D)
+        return (q * cos + rotate_half(q) * sin).flatten(1), (k * cos + rotate_half(k) * sin).flatten(1)
 
 
 class TorchAttention:
@@ -182,13 +224,6 @@ class Attention(Protocol):
     ) -> Tensor: ...
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """As transformers' LlamaRMSNorm: normalise in float32, scale in the weight's dtype."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
 def rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -207,6 +242,7 @@ class ArmRuntime:
         device: torch.device | str = "cpu",
         linear: LinearFactory = torch_linear,
         attention: Attention | None = None,
+        ops: Callable[..., TorchTrunkOps] = TorchTrunkOps,
     ) -> None:
         self.shape = shape
         self.dtype = dtype
@@ -224,8 +260,7 @@ class ArmRuntime:
         self.max_len = max_len
         multiple = self.attention.length_multiple  # the cache itself may be longer than max_len
         self.cache = ArmKVCache(shape, slots, -(-max_len // multiple) * multiple, dtype, self.device)
-        half = torch.arange(0, shape.head_dim, 2, dtype=torch.float32, device=self.device)
-        self.inv_freq = 1.0 / (shape.rope_theta ** (half / shape.head_dim))
+        self.ops = ops(shape, self.cache.max_len, dtype, self.device)
 
     @classmethod
     def from_artifact(
@@ -238,20 +273,16 @@ class ArmRuntime:
         device: torch.device | str = "cpu",
         linear: LinearFactory = torch_linear,
         attention: Attention | None = None,
+        ops: Callable[..., TorchTrunkOps] = TorchTrunkOps,
     ) -> ArmRuntime:
         from rewardmodel.artifact import arm_weights_for_serving, load_arm
 
         arm = load_arm(Path(base_dir), Path(artifact_dir), dtype=torch.float32)
         shape = ArmShape.from_llama_config(arm.llama_config, tuple(arm.config.attributes))
         weights = arm_weights_for_serving(arm)
-        return cls(weights, shape, slots, max_len, dtype, device, linear, attention)
+        return cls(weights, shape, slots, max_len, dtype, device, linear, attention, ops)
 
     # ------------------------------------------------------------------------------------------- the trunk
-    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        freqs = positions.float()[..., None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-
     def _fuse(self, i: int, make: LinearFactory) -> dict:
         w, p = self.w, f"layers.{i}."
         attn, mlp = p + "self_attn.", p + "mlp."
@@ -264,40 +295,44 @@ class ArmRuntime:
             "down": make(w[mlp + "down_proj.weight"].contiguous()),
         }
 
-    def _block(self, i: int, x: Tensor, step: _Step) -> Tensor:
-        """One decoder layer on ``x`` [B, T, H] whose tokens sit at ``step.positions`` of ``step.slots``."""
+    def _attend(self, i: int, h: Tensor, step: _Step) -> Tensor:
+        """Layer ``i``'s attention on normed ``h`` [B * T, H] (its keys and values go into the cache)."""
         s, layer = self.shape, self.layers[i]
-        B, T, _ = x.shape
-        h = rms_norm(x, layer["norm1"], s.eps)
+        B, T = step.positions.shape
         q, k, v = layer["qkv"](h).split(
             [s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], dim=-1
         )
-        q = q.view(B, T, s.heads, s.head_dim)
-        k = k.view(B, T, s.kv_heads, s.head_dim)
-        q = q * step.cos + rotate_half(q) * step.sin
-        k = k * step.cos + rotate_half(k) * step.sin
-        attn = self.attention(self.cache, i, step, q, k, v.view(B, T, s.kv_heads, s.head_dim))
-        x = x + layer["o"](attn)
-        h = rms_norm(x, layer["norm2"], s.eps)
-        gate, up = layer["gate_up"](h).chunk(2, dim=-1)
-        return x + layer["down"](F.silu(gate) * up)
+        q, k = self.ops.rope(q, k, step.rope)
+        heads = (B, T, -1, s.head_dim)
+        attn = self.attention(self.cache, i, step, q.reshape(heads), k.reshape(heads), v.reshape(heads))
+        return layer["o"](attn.reshape(B * T, -1))
 
     @torch.inference_mode()
     def _run(self, slots: Tensor, tokens: Tensor) -> Tensor:
-        """Append ``tokens`` [B, T] to ``slots`` [B] (all rows at their own offsets); last hidden state [B, H]."""
+        """Append ``tokens`` [B, T] to ``slots`` [B] (all rows at their own offsets); last hidden state [B, H].
+
+        Pre-norm decoder layers with the residual stream ``x`` carried beside the normed input ``h``, so each
+        residual add and the next norm are one ``add_rms_norm``.
+        """
         B, T = tokens.shape
         start = self.cache.lengths[slots]  # [B]
         positions = start[:, None] + torch.arange(T, device=self.device)  # [B, T]
         if int(positions.max()) >= self.max_len:
             raise ValueError(f"ARM cache full: a sequence exceeds {self.max_len} tokens")
-        cos, sin = self._rope(positions)  # [B, T, D], shared by every layer
-        step = _Step(slots=slots, positions=positions, cos=cos[:, :, None], sin=sin[:, :, None])
+        step = _Step(slots=slots, positions=positions, rope=self.ops.rope_tables(positions.reshape(-1)))
         step.plan = self.attention.plan(self.cache, slots, positions)
-        x = F.embedding(tokens, self.w["embed_tokens.weight"])
-        for i in range(self.shape.num_layers):
-            x = self._block(i, x, step)
+        ops, eps, layers = self.ops, self.shape.eps, self.layers
+        x = F.embedding(tokens.reshape(-1), self.w["embed_tokens.weight"])  # [B * T, H]
+        h = ops.rms_norm(x, layers[0]["norm1"], eps)
+        for i, layer in enumerate(layers):
+            h, x = ops.add_rms_norm(self._attend(i, h, step), x, layer["norm2"], eps)
+            mlp = layer["down"](ops.silu_and_mul(layer["gate_up"](h)))
+            if i + 1 < len(layers):
+                h, x = ops.add_rms_norm(mlp, x, layers[i + 1]["norm1"], eps)
+            else:
+                x = x + mlp
         self.cache.lengths[slots] = start + T
-        return x[:, -1]
+        return x.view(B, T, -1)[:, -1]
 
     def prefill(self, slot: int, token_ids: list[int]) -> Tensor:
         """Feed a request's tokens into its (emptied) slot; returns the last position's hidden state [H]."""
@@ -323,7 +358,7 @@ class ArmRuntime:
         low = torch.einsum("bh,ahr->bar", hidden, self.head_down)
         adapted = hidden[:, None] + torch.einsum("bar,arh->bah", low, self.head_up)  # [B, A, H]
         states = torch.cat([hidden[:, None], adapted], dim=1)
-        normed = rms_norm(states, self.w["norm.weight"], self.shape.eps)
+        normed = self.ops.rms_norm(states, self.w["norm.weight"], self.shape.eps)
         cand_emb = F.embedding(candidates, self.lm_head)  # [B, K, H]; 4x faster than lm_head[candidates]
         logits = torch.einsum("bah,bkh->bak", normed, cand_emb).float()
         return torch.log_softmax(logits, dim=-1)
@@ -333,5 +368,5 @@ class ArmRuntime:
         """Full-vocabulary log-probabilities [B, A, V] per attribute (for checks and offline scoring)."""
         low = torch.einsum("bh,ahr->bar", hidden, self.head_down)
         adapted = hidden[:, None] + torch.einsum("bar,arh->bah", low, self.head_up)
-        normed = rms_norm(adapted, self.w["norm.weight"], self.shape.eps)
+        normed = self.ops.rms_norm(adapted, self.w["norm.weight"], self.shape.eps)
         return torch.log_softmax((normed @ self.lm_head.T).float(), dim=-1)

@@ -19,7 +19,7 @@ import torch
 
 from rewardmodel.artifact import arm_weights_for_serving, save_artifact
 from rewardmodel.model import ArmConfig, MultiAttributeARM
-from rewardmodel.runtime import ArmRuntime, ArmShape, TorchAttention, torch_linear
+from rewardmodel.runtime import ArmRuntime, ArmShape, TorchAttention, TorchTrunkOps, torch_linear
 from server.model_prep import prepare_default_model
 from tests.conftest import start_server
 
@@ -70,9 +70,9 @@ def arm_artifact(tmp_path_factory) -> Path:
 
 
 def _kernels(kind: str) -> tuple:
-    """(matrix product, attention) of PyTorch or of the engine (the ones the server uses)."""
+    """(matrix product, attention, element-wise ops) of PyTorch or of the engine (the ones the server uses)."""
     if kind == "torch":
-        return torch_linear, TorchAttention()
+        return torch_linear, TorchAttention(), TorchTrunkOps
     from server.guided.v1 import engine_kernels
 
     return engine_kernels()

@@ -232,14 +232,18 @@ class LexicographicScorer:
             raise RuntimeError("injected ARM fault (fault_after_steps)")
         hidden = self._advance_caches(rows)
         slot_t = torch.tensor(rows)
-        row_logits = logits[slot_t].float()
-        selection = row_logits.clone()
-        selection[:, self.eos] = float("inf")  # EOS is always a candidate
-        cand = torch.topk(selection, self.k, dim=-1).indices  # [R, K]
+        # The rows' logits, edited in place: a view when the rows are consecutive (the usual batch), else a copy
+        # written back at the end.
+        in_place = logits.dtype == torch.float32 and rows == list(range(rows[0], rows[0] + len(rows)))
+        block = logits[rows[0] : rows[0] + len(rows)] if in_place else logits[slot_t].float()
+        eos_logit = block[:, self.eos].clone()
+        block[:, self.eos] = float("inf")  # EOS is always a candidate
+        cand = torch.topk(block, self.k, dim=-1).indices  # [R, K]
+        block[:, self.eos] = eos_logit
         lp = self.runtime.candidate_log_probs(hidden.to(self.runtime.dtype), cand)  # [R, 1 + A, K]
         rewards = lp[:, 1:, :] - lp[:, :1, :]  # [R, A, K]: each attribute's head against the neutral head
 
-        score = row_logits.gather(1, cand)
+        score = block.gather(1, cand)
         reward = torch.einsum("rp,rpk->rk", self.prefs[slot_t], rewards[:, self.pref_index, :])
         score = score + torch.where(self.has_prefs[slot_t, None], self.inv_beta[slot_t, None] * reward, 0.0)
         margin = rewards[:, self.safety_index, :]
@@ -255,9 +259,10 @@ class LexicographicScorer:
         # A filtered row keeps EOS even where an earlier processor (vLLM's min_tokens) set it to -inf.
         score.masked_fill_(is_eos & filtered[:, None] & score.isneginf(), 0.0)
 
-        out = torch.full_like(row_logits, NEG_INF)
-        out.scatter_(1, cand, score)
-        logits[slot_t] = out.to(logits.dtype)
+        block.fill_(NEG_INF)
+        block.scatter_(1, cand, score)
+        if not in_place:
+            logits[slot_t] = block.to(logits.dtype)
 
         self.steps[slot_t] += 1
         self.masked[slot_t] += masked.sum(1)

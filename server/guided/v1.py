@@ -119,18 +119,61 @@ class VllmCpuAttention:
         return plan["out"].view(B, T, heads * D)
 
 
+class VllmCpuTrunkOps:
+    """The trunk's RMSNorm (with the residual add), rotary embedding and SwiGLU through vLLM's fused CPU kernels.
+
+    One kernel each instead of the 5-12 PyTorch operations of ``rewardmodel.runtime.TorchTrunkOps``: at the ARM's
+    sizes a decode step is dominated by per-operation overhead. ``add_rms_norm`` works in place (``x`` becomes the
+    normed sum, ``residual`` the sum), which the runtime allows: it uses only what the call returns.
+    """
+
+    def __init__(self, shape, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        from rewardmodel.runtime import TorchTrunkOps
+
+        self.C = torch.ops._C
+        self.head_dim = shape.head_dim
+        inv_freq = TorchTrunkOps(shape, max_len, dtype, device).inv_freq
+        freqs = torch.arange(max_len, dtype=torch.float32, device=device)[:, None] * inv_freq
+        self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dtype)  # [max_len, head_dim]
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        self.C.rms_norm(out.view(-1, x.shape[-1]), x.view(-1, x.shape[-1]), weight, eps)
+        return out
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple:
+        self.C.fused_add_rms_norm(x, residual, weight, eps)
+        return x, residual
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        out = gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+        self.C.silu_and_mul(out, gate_up)
+        return out
+
+    @staticmethod
+    def rope_tables(positions: torch.Tensor) -> torch.Tensor:
+        return positions  # the kernel reads the cos/sin cache at these positions
+
+    def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple:
+        self.C.rotary_embedding(positions, q, k, self.head_dim, self.cos_sin, True)  # in place, NeoX layout
+        return q, k
+
+
 def engine_kernels() -> tuple:
-    """The (matrix product, attention) the engine uses on this platform, for the ARM's trunk.
+    """The (matrix product, attention, element-wise ops) the engine uses on this platform, for the ARM's trunk.
 
     On the CPU, vLLM's own kernels; elsewhere PyTorch's, which already are the engine's.
     """
     from vllm.platforms import current_platform
 
-    from rewardmodel.runtime import TorchAttention, torch_linear
+    from rewardmodel.runtime import TorchAttention, TorchTrunkOps, torch_linear
 
     if current_platform.is_cpu():
-        return _cpu_linear, VllmCpuAttention()
-    return torch_linear, TorchAttention()
+        return _cpu_linear, VllmCpuAttention(), VllmCpuTrunkOps
+    return torch_linear, TorchAttention(), TorchTrunkOps
 
 
 class ProsocialLogitsProcessor(LogitsProcessor):
