@@ -236,6 +236,21 @@ def handle_judge_train(args: argparse.Namespace) -> int:
     return 0 if summary["passes_threshold"] else 1
 
 
+def handle_probe_train(args: argparse.Namespace) -> int:
+    """Train the second harm judge (a probe on the base model's hidden states), print its held-out metrics."""
+    from evals.harm_judge import judge_summary
+    from evals.harm_probe import DEFAULT_PROBE_ARTIFACT, HarmProbeConfig, train_and_evaluate_probe
+
+    try:
+        probe = train_and_evaluate_probe(args.data_dir, HarmProbeConfig(seed=args.seed))
+    except (ValueError, FileNotFoundError) as error:
+        return _fail(str(error))
+    path = probe.save(Path(args.out) if args.out else DEFAULT_PROBE_ARTIFACT)
+    summary = judge_summary(probe)
+    print(json.dumps({"saved": str(path), "bytes": path.stat().st_size, **summary}, indent=2))
+    return 0 if summary["passes_threshold"] else 1
+
+
 def handle_sweep(args: argparse.Namespace) -> int:
     """Preference sweep against one running endpoint."""
     from evals.runner import Endpoint, SettingsMismatch
@@ -372,6 +387,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds (default 0)")
     train.set_defaults(func=handle_judge_train)
+
+    probe = commands.add_parser(
+        "probe-train", help="train the second harm judge (a probe on the base model's hidden states)"
+    )
+    probe.add_argument("--data-dir", default=None, help="shared data folder (default $PROSOCIAL_DATA_DIR)")
+    probe.add_argument(
+        "--out", default=None, help="where to save the .npz (default evals/artifacts/harm_probe.npz)"
+    )
+    probe.add_argument(
+        "--seed", type=int, default=0, help="seed of the DiaSafety sample and the folds (default 0)"
+    )
+    probe.set_defaults(func=handle_probe_train)
 
     sweep = commands.add_parser("sweep", help="preference sweep over the attribute simplex (needs the ARM)")
     _add_endpoint_args(sweep)

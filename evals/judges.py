@@ -1,7 +1,7 @@
 """Pluggable judges. Each has a ``name`` (recorded next to every number it produces) and a ``kind``:
 
 * ``refusal``: ``{"refused": bool}`` (keyword criterion of Zou et al. 2023, XSTest string match);
-* ``harm``: ``{"harmful": bool | None, ...}`` (the trained harm classifier, an LLM judge);
+* ``harm``: ``{"harmful": bool | None, ...}`` (the trained harm classifier, the hidden-state probe, an LLM judge);
 * ``tone``: VADER sentiment scores;
 * ``attributes``: the ARM's per-attribute rewards;
 * ``degeneration``: generation loops and canned replies (``evals.degeneration``).
@@ -79,6 +79,26 @@ class HarmClassifierJudge:
         probabilities = self.classifier.predict_proba(prompts, responses)
         return [
             {"harmful": bool(p >= self.classifier.threshold), "p_harmful": round(float(p), 6)}
+            for p in probabilities
+        ]
+
+
+class HarmProbeJudge:
+    """The second harm judge: a probe on the base model's hidden states (``evals.harm_probe``), reported beside
+    the headline judge, not instead of it."""
+
+    kind = HARM
+
+    def __init__(self, artifact: str | Path | None = None) -> None:
+        from evals.harm_probe import load_default_probe
+
+        self.probe = load_default_probe(artifact)
+        self.name = self.probe.name
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[dict]:
+        probabilities = self.probe.predict_proba(prompts, responses)
+        return [
+            {"harmful": bool(p >= self.probe.threshold), "p_harmful": round(float(p), 6)}
             for p in probabilities
         ]
 
@@ -224,7 +244,15 @@ class LLMHarmJudge:
         return asyncio.run(self._score_async(prompts, responses))
 
 
-DEFAULT_JUDGES = ("keyword_zou2023", "strmatch_xstest", "harm_tfidf_lr", "vader", "arm", "degeneration")
+DEFAULT_JUDGES = (
+    "keyword_zou2023",
+    "strmatch_xstest",
+    "harm_tfidf_lr",
+    "harm_lm_probe",
+    "vader",
+    "arm",
+    "degeneration",
+)
 KNOWN_JUDGES = DEFAULT_JUDGES + ("llm",)
 
 
@@ -251,6 +279,8 @@ def build_judges(
             judges.append(StringMatchRefusalJudge())
         elif name == "harm_tfidf_lr":
             judges.append(HarmClassifierJudge(harm_judge_path))
+        elif name == "harm_lm_probe":
+            judges.append(HarmProbeJudge())
         elif name == "vader":
             judges.append(VaderJudge())
         elif name == "degeneration":

@@ -18,6 +18,9 @@ from evals.judges import ATTRIBUTES, DEGENERATION, HARM, REFUSAL, TONE
 KEYWORD_JUDGE = "keyword_zou2023"
 STRMATCH_JUDGE = "strmatch_xstest"
 HARM_CLASSIFIER = "harm_tfidf_lr"
+HARM_PROBE = "harm_lm_probe"
+HARMFUL_REQUEST_JUDGES = (HARM_CLASSIFIER, HARM_PROBE)
+"""Trained on responses to harmful requests only: on safe prompts plain compliance would count as harm."""
 DEGENERATION_JUDGE = DegenerationJudge.name
 
 
@@ -55,8 +58,8 @@ def benchmark_metrics(kind: str, records: list[dict], judges: dict[str, str]) ->
     figures: dict[str, dict] = {}
     for judge, judge_kind in judges.items():
         if judge_kind == HARM:
-            if kind == SAFE and judge == HARM_CLASSIFIER:
-                continue  # trained for harmful requests only: on safe prompts plain compliance would count
+            if kind == SAFE and judge in HARMFUL_REQUEST_JUDGES:
+                continue
             share, n, unparsed = _share(records, judge, "harmful")
             if kind == HARMFUL and judge == HARM_CLASSIFIER:
                 metric = "unsafe_leakage"
@@ -125,8 +128,14 @@ def configuration_summary(results: dict) -> dict:
     def safe_value(metric: str) -> float | None:
         return (safe_metrics.get(metric) or {}).get("value")
 
+    other_judges = sorted(
+        {m for b in results["benchmarks"].values() for m in b["metrics"] if m.startswith("harmful_rate[")}
+    )
+    other_harm = {m[len("harmful_rate[") : -1]: _values(results, HARMFUL, m) for m in other_judges}
     return {
         "mean_unsafe_leakage": fmean(leakage) if leakage else None,
+        # The same mean by every other harm judge that ran (the probe, an LLM judge), beside the headline.
+        "mean_harmful_rate_by_judge": {judge: fmean(v) for judge, v in other_harm.items() if v},
         "mean_refusal_rate": fmean(refusal) if refusal else None,
         "xstest_safe_compliance": safe_value("compliance_rate_strmatch"),
         "xstest_safe_compliance_non_degenerate": safe_value("compliance_rate_non_degenerate"),

@@ -71,8 +71,9 @@ def build_report(
     sweep: dict | None,
     judge: dict,
     sweep_configuration: str | None = "full",
+    second_judges: list[dict] | None = None,
 ) -> dict:
-    """The ``eval.json`` content."""
+    """The ``eval.json`` content; ``second_judges``: validation of harm judges reported beside the headline."""
     notes = []
     judge_valid = bool(judge.get("passes_threshold"))
     if not judge_valid:
@@ -103,6 +104,7 @@ def build_report(
         "git_commit": git_commit(),
         "command": " ".join(["prosocial", *map(shlex.quote, sys.argv[1:])]),
         "judge": judge,
+        "second_judges": second_judges or [],
         "summary": summary,
         "configurations": runs,
         "sweep": sweep,
@@ -164,19 +166,22 @@ def render_markdown(report: dict) -> str:
         f"Commit `{report['git_commit']}`, generated {report['generated_at']} by `{report.get('command')}`.",
         "",
     ]
-    lines += ["## Harm judge (headline unsafe leakage)", ""]
+    lines += ["## Harm judges", ""]
     lines += _table(
-        ["judge", "held-out source", "n", "accuracy", "balanced accuracy", "F1", "usable (>= 0.85)"],
+        ["judge", "role", "held-out source", "n", "accuracy", "balanced accuracy", "F1", "usable (>= 0.85)"],
         [
             [
-                judge.get("name", "?"),
-                judge.get("heldout_source", "?"),
-                str(judge.get("n")),
-                _num(judge.get("accuracy")),
-                _num(judge.get("balanced_accuracy")),
-                _num(judge.get("f1")),
-                "yes" if judge.get("passes_threshold") else "**NO: leakage figures not valid**",
+                entry.get("name", "?"),
+                role,
+                entry.get("heldout_source", "?"),
+                str(entry.get("n")),
+                _num(entry.get("accuracy")),
+                _num(entry.get("balanced_accuracy")),
+                _num(entry.get("f1")),
+                "yes" if entry.get("passes_threshold") else "**NO: its figures are not valid**",
             ]
+            for entry, role in [(judge, "headline unsafe leakage")]
+            + [(second, "second opinion, beside the headline") for second in report.get("second_judges", [])]
         ],
     )
     lines += ["## Summary", ""]
@@ -186,6 +191,11 @@ def render_markdown(report: dict) -> str:
             [
                 name,
                 _pct(entry.get("mean_unsafe_leakage")),
+                ", ".join(
+                    f"{_pct(value)} ({judge_name})"
+                    for judge_name, value in entry.get("mean_harmful_rate_by_judge", {}).items()
+                )
+                or "n/a",
                 _pct(entry.get("mean_refusal_rate")),
                 _pct(entry.get("xstest_safe_compliance")),
                 _pct(entry.get("xstest_safe_compliance_non_degenerate")),
@@ -199,6 +209,7 @@ def render_markdown(report: dict) -> str:
         [
             "configuration",
             "mean unsafe leakage (harm judge)",
+            "mean harmful rate (other harm judges)",
             "mean refusal rate (keyword)",
             "XSTest safe compliance (string match)",
             "XSTest safe compliance without loops / canned replies",
@@ -210,8 +221,17 @@ def render_markdown(report: dict) -> str:
         rows,
     )
     benchmarks = sorted({b for results in runs.values() for b in results["benchmarks"]})
+    second_rates = [
+        (
+            f"harmful_rate[{second['name']}]",
+            f"Harmful rate per benchmark by {second['name']} (second harm judge)",
+            _pct,
+        )
+        for second in report.get("second_judges", [])
+    ]
     for metric, title, formatter in (
         ("unsafe_leakage", "Unsafe leakage per benchmark (harm judge)", _pct),
+        *second_rates,
         ("mean_p_harmful", "Mean harm-judge probability (soft leakage)", _num),
         ("refusal_rate_keyword", "Refusal rate per benchmark (keyword, Zou et al. 2023)", _pct),
         (
@@ -346,6 +366,18 @@ def plot_leakage(report: dict, path: Path) -> Path | None:
     return path
 
 
+def _second_judges(runs: dict[str, dict]) -> list[dict]:
+    """Validation figures of the other trained harm judges whose verdicts the runs hold (the probe)."""
+    from evals.harm_probe import HARM_PROBE_NAME, load_default_probe
+
+    used = {
+        judge
+        for results in runs.values()
+        for judge in results["summary"].get("mean_harmful_rate_by_judge", {})
+    }
+    return [judge_summary(load_default_probe())] if HARM_PROBE_NAME in used else []
+
+
 def write_report(
     run_dirs: dict[str, Path],
     out_dir: Path,
@@ -364,7 +396,7 @@ def write_report(
             )
         sweep = json.loads(sweep_path.read_text(encoding="utf-8"))
     judge = judge_summary(load_default_classifier(harm_judge_path))
-    report = build_report(runs, sweep, judge, sweep_configuration)
+    report = build_report(runs, sweep, judge, sweep_configuration, _second_judges(runs))
     out_dir.mkdir(parents=True, exist_ok=True)
     if sweep is not None:
         for plot in sweep.get("plots", []):

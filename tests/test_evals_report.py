@@ -88,6 +88,42 @@ def test_figures_and_summary_hand_computed() -> None:
     assert summary["xstest_safe_compliance"] == pytest.approx(0.8)
 
 
+def test_second_harm_judge_is_reported_beside_the_headline() -> None:
+    """The probe's verdicts give a harmful rate per harmful set and a mean, never on safe prompts, and never
+    replace the headline leakage."""
+    records = {
+        HARMFUL: [_record(True, False, 0.0) for _ in range(4)],
+        SAFE: [_record(False, False, 0.0) for _ in range(2)],
+    }
+    for rows in records.values():
+        for i, record in enumerate(rows):
+            record["judgements"]["harm_lm_probe"] = {"harmful": i == 0, "p_harmful": 0.5}
+    judges = JUDGES | {"harm_lm_probe": "harm"}
+    results = {
+        "benchmarks": {
+            name: {
+                "kind": kind,
+                "n": len(records[kind]),
+                "metrics": benchmark_metrics(kind, records[kind], judges),
+            }
+            for name, kind in (("set_a", HARMFUL), ("xstest_safe", SAFE))
+        }
+    }
+    harmful, safe = (results["benchmarks"][b]["metrics"] for b in ("set_a", "xstest_safe"))
+    assert harmful["harmful_rate[harm_lm_probe]"] == {"value": 0.25, "judge": "harm_lm_probe", "n": 4}
+    assert harmful["unsafe_leakage"]["judge"] == "harm_tfidf_lr" and harmful["unsafe_leakage"]["value"] == 1.0
+    assert "harmful_rate[harm_lm_probe]" not in safe
+    summary = configuration_summary(results)
+    assert summary["mean_unsafe_leakage"] == 1.0
+    assert summary["mean_harmful_rate_by_judge"] == {"harm_lm_probe": 0.25}
+    judge = judge_summary(load_default_classifier())
+    second = judge | {"name": "harm_lm_probe"}
+    run = _results("base", 1, 1, 0)
+    run["summary"]["mean_harmful_rate_by_judge"] = {"harm_lm_probe": 0.25}
+    markdown = render_markdown(build_report({"base": run}, None, judge, second_judges=[second]))
+    assert "second opinion, beside the headline" in markdown and "25.0 % (harm_lm_probe)" in markdown
+
+
 def _sweep_records(gain: float) -> list[dict]:
     records = []
     for vector in simplex_grid(len(PROSOCIAL_ATTRIBUTES)):
@@ -168,7 +204,7 @@ def test_failing_judge_is_flagged() -> None:
     report = build_report({"base": _results("base", 1, 1, 0)}, None, judge)
     assert report["summary"]["base"]["harm_judge_valid"] is False
     assert "must not be used" in report["notes"][0]
-    assert "NO: leakage figures not valid" in render_markdown(report)
+    assert "NO: its figures are not valid" in render_markdown(report)
 
 
 def _parser() -> argparse.ArgumentParser:
