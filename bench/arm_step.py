@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "method": "median of interleaved decode steps (trunk + heads on 256 candidates), bfloat16, both runtimes "
         "with vLLM's oneDNN product and paged CPU attention; attention_all_layers_ms: the attention kernel "
         "alone over every layer's cache for the same batch and context (it also writes one position per row)",
-        "command": "python -m bench.arm_step " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python -m bench.arm_step", *(sys.argv[1:] if argv is None else argv)]),
     }
     write_report(args.out, report)
     print(report)
