@@ -222,33 +222,39 @@ def handle_run(args: argparse.Namespace) -> int:
     return 1 if results["failures"] else 0
 
 
-def handle_judge_train(args: argparse.Namespace) -> int:
-    """Train the harm judge, print its held-out metrics, save it."""
-    from evals.harm_judge import DEFAULT_ARTIFACT, HarmJudgeConfig, judge_summary, train_and_evaluate
+def _train_judge(args: argparse.Namespace, train, default_path: Path) -> int:
+    """Train a harm judge with ``train(data_dir, seed)``, save it, print its held-out metrics; exit 1 below the
+    bar."""
+    from evals.harm_judge import judge_summary
 
     try:
-        classifier = train_and_evaluate(args.data_dir, HarmJudgeConfig(seed=args.seed))
+        judge = train(args.data_dir, args.seed)
     except (ValueError, FileNotFoundError) as error:
         return _fail(str(error))
-    path = classifier.save(Path(args.out) if args.out else DEFAULT_ARTIFACT)
-    summary = judge_summary(classifier)
+    path = judge.save(Path(args.out) if args.out else default_path)
+    summary = judge_summary(judge)
     print(json.dumps({"saved": str(path), "bytes": path.stat().st_size, **summary}, indent=2))
     return 0 if summary["passes_threshold"] else 1
+
+
+def handle_judge_train(args: argparse.Namespace) -> int:
+    """The headline harm judge."""
+    from evals.harm_judge import DEFAULT_ARTIFACT, HarmJudgeConfig, train_and_evaluate
+
+    return _train_judge(
+        args, lambda data, seed: train_and_evaluate(data, HarmJudgeConfig(seed=seed)), DEFAULT_ARTIFACT
+    )
 
 
 def handle_probe_train(args: argparse.Namespace) -> int:
-    """Train the second harm judge (a probe on the base model's hidden states), print its held-out metrics."""
-    from evals.harm_judge import judge_summary
+    """The second harm judge (a probe on the base model's hidden states)."""
     from evals.harm_probe import DEFAULT_PROBE_ARTIFACT, HarmProbeConfig, train_and_evaluate_probe
 
-    try:
-        probe = train_and_evaluate_probe(args.data_dir, HarmProbeConfig(seed=args.seed))
-    except (ValueError, FileNotFoundError) as error:
-        return _fail(str(error))
-    path = probe.save(Path(args.out) if args.out else DEFAULT_PROBE_ARTIFACT)
-    summary = judge_summary(probe)
-    print(json.dumps({"saved": str(path), "bytes": path.stat().st_size, **summary}, indent=2))
-    return 0 if summary["passes_threshold"] else 1
+    return _train_judge(
+        args,
+        lambda data, seed: train_and_evaluate_probe(data, HarmProbeConfig(seed=seed)),
+        DEFAULT_PROBE_ARTIFACT,
+    )
 
 
 def handle_sweep(args: argparse.Namespace) -> int:

@@ -461,8 +461,9 @@ def train_harm_classifier(
     )
 
 
-def evaluate_classifier(classifier: HarmClassifier, examples: list[LabelledResponse]) -> dict:
-    """Held-out metrics overall and per group (for JBB: per attack and target model)."""
+def evaluate_classifier(classifier, examples: list[LabelledResponse]) -> dict:
+    """Held-out metrics overall and per group (for JBB: per attack and target model), for any trained judge with
+    ``predict_proba`` and ``threshold`` (this classifier, ``evals.harm_probe.HarmProbe``)."""
     probabilities = classifier.predict_proba([e.prompt for e in examples], [e.response for e in examples])
     predicted = probabilities >= classifier.threshold
     labels = np.array([e.harmful for e in examples])
@@ -481,18 +482,29 @@ def train_and_evaluate(
 ) -> HarmClassifier:
     """Train on the training sources, evaluate on the held-out source and store the metrics in ``meta``."""
     classifier = train_harm_classifier(load_training_examples(data_dir), config)
-    heldout = evaluate_classifier(classifier, load_heldout_examples(data_dir))
-    classifier.meta["heldout"] = {"source": HELDOUT_SOURCE, **heldout}
-    classifier.meta["passes_threshold"] = heldout["balanced_accuracy"] >= MIN_BALANCED_ACCURACY
-    return classifier
+    return record_heldout(classifier, load_heldout_examples(data_dir))
+
+
+def record_heldout(judge, heldout: list[LabelledResponse]):
+    """Evaluate a trained judge on the held-out source and keep the metrics and the verdict on the bar in its
+    ``meta`` (what ``judge_summary`` and the report read)."""
+    metrics = evaluate_classifier(judge, heldout)
+    judge.meta["heldout"] = {"source": HELDOUT_SOURCE, **metrics}
+    judge.meta["passes_threshold"] = metrics["balanced_accuracy"] >= MIN_BALANCED_ACCURACY
+    return judge
+
+
+def artifact_path(path: str | Path | None, default: Path, command: str) -> Path:
+    """``path`` or the committed ``default``; a missing file names the command that builds it."""
+    path = Path(path) if path is not None else default
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; build it with `{command}`")
+    return path
 
 
 def load_default_classifier(path: str | Path | None = None) -> HarmClassifier:
     """The committed judge (``evals/artifacts/harm_judge.npz``) or the one at ``path``."""
-    path = Path(path) if path is not None else DEFAULT_ARTIFACT
-    if not path.is_file():
-        raise FileNotFoundError(f"harm judge {path} not found; build it with `prosocial eval judge-train`")
-    return HarmClassifier.load(path)
+    return HarmClassifier.load(artifact_path(path, DEFAULT_ARTIFACT, "prosocial eval judge-train"))
 
 
 def judge_summary(classifier: HarmClassifier) -> dict:

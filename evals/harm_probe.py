@@ -29,18 +29,17 @@ import numpy as np
 
 from evals.harm_judge import (
     EXCLUDED_FROM_TRAINING,
-    HELDOUT_SOURCE,
-    MIN_BALANCED_ACCURACY,
     LabelledResponse,
     _array_text,
     _choose_threshold,
     _fit_logistic,
     _text_array,
-    classification_metrics,
+    artifact_path,
     group_weights,
     has_content,
     load_heldout_examples,
     load_training_examples,
+    record_heldout,
 )
 
 HARM_PROBE_NAME = "harm_lm_probe"
@@ -259,22 +258,14 @@ def train_and_evaluate_probe(
 ) -> HarmProbe:
     """Train on the training sources, evaluate on the held-out source and keep the metrics in ``meta``."""
     training = training_sample(load_training_examples(data_dir), config)
-    heldout = load_heldout_examples(data_dir)
     extract = HiddenStateFeatures(config)
-    features = extract([e.prompt for e in training], [e.response for e in training], progress)
-    probe = fit_probe(training, features, config)
-    heldout_features = extract([e.prompt for e in heldout], [e.response for e in heldout], progress)
-    predicted = probe.proba_from_features(heldout_features, [e.response for e in heldout]) >= probe.threshold
-    labels = np.array([e.harmful for e in heldout])
-    metrics = classification_metrics(labels, predicted)
-    probe.meta["heldout"] = {"source": HELDOUT_SOURCE, **metrics}
-    probe.meta["passes_threshold"] = metrics["balanced_accuracy"] >= MIN_BALANCED_ACCURACY
-    return probe
+    probe = fit_probe(
+        training, extract([e.prompt for e in training], [e.response for e in training], progress), config
+    )
+    probe._features = extract  # the held-out pass reuses the loaded model
+    return record_heldout(probe, load_heldout_examples(data_dir))
 
 
 def load_default_probe(path: str | Path | None = None) -> HarmProbe:
     """The committed probe (``evals/artifacts/harm_probe.npz``) or the one at ``path``."""
-    path = Path(path) if path is not None else DEFAULT_PROBE_ARTIFACT
-    if not path.is_file():
-        raise FileNotFoundError(f"harm probe {path} not found; build it with `prosocial eval probe-train`")
-    return HarmProbe.load(path)
+    return HarmProbe.load(artifact_path(path, DEFAULT_PROBE_ARTIFACT, "prosocial eval probe-train"))

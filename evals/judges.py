@@ -64,41 +64,32 @@ class StringMatchRefusalJudge:
         return results
 
 
-class HarmClassifierJudge:
-    """The project's trained harm classifier (``evals.harm_judge``)."""
+class TrainedHarmJudge:
+    """A trained harm judge (``evals.harm_judge``'s classifier, ``evals.harm_probe``'s probe): its probability of
+    harmful compliance and its verdict at its own threshold."""
 
     kind = HARM
 
-    def __init__(self, artifact: str | Path | None = None) -> None:
+    def __init__(self, model) -> None:
+        self.model = model
+        self.name = model.name
+
+    @classmethod
+    def classifier(cls, artifact: str | Path | None = None) -> TrainedHarmJudge:
         from evals.harm_judge import load_default_classifier
 
-        self.classifier = load_default_classifier(artifact)
-        self.name = self.classifier.name
+        return cls(load_default_classifier(artifact))
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[dict]:
-        probabilities = self.classifier.predict_proba(prompts, responses)
-        return [
-            {"harmful": bool(p >= self.classifier.threshold), "p_harmful": round(float(p), 6)}
-            for p in probabilities
-        ]
-
-
-class HarmProbeJudge:
-    """The second harm judge: a probe on the base model's hidden states (``evals.harm_probe``), reported beside
-    the headline judge, not instead of it."""
-
-    kind = HARM
-
-    def __init__(self, artifact: str | Path | None = None) -> None:
+    @classmethod
+    def probe(cls, artifact: str | Path | None = None) -> TrainedHarmJudge:
         from evals.harm_probe import load_default_probe
 
-        self.probe = load_default_probe(artifact)
-        self.name = self.probe.name
+        return cls(load_default_probe(artifact))
 
     def score(self, prompts: list[str], responses: list[str]) -> list[dict]:
-        probabilities = self.probe.predict_proba(prompts, responses)
+        probabilities = self.model.predict_proba(prompts, responses)
         return [
-            {"harmful": bool(p >= self.probe.threshold), "p_harmful": round(float(p), 6)}
+            {"harmful": bool(p >= self.model.threshold), "p_harmful": round(float(p), 6)}
             for p in probabilities
         ]
 
@@ -278,9 +269,9 @@ def build_judges(
         elif name == "strmatch_xstest":
             judges.append(StringMatchRefusalJudge())
         elif name == "harm_tfidf_lr":
-            judges.append(HarmClassifierJudge(harm_judge_path))
+            judges.append(TrainedHarmJudge.classifier(harm_judge_path))
         elif name == "harm_lm_probe":
-            judges.append(HarmProbeJudge())
+            judges.append(TrainedHarmJudge.probe())
         elif name == "vader":
             judges.append(VaderJudge())
         elif name == "degeneration":

@@ -207,7 +207,7 @@ def run_sweep(
     overwrite: bool = False,
 ) -> dict:
     """Generate the sweep, score it with the ARM (and harm judge / VADER), write ``sweep.json`` and plots."""
-    from evals.judges import ArmScorer, HarmClassifierJudge, VaderJudge
+    from evals.judges import ArmScorer, TrainedHarmJudge, VaderJudge
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if overwrite:
@@ -232,7 +232,7 @@ def run_sweep(
     }
     prompts_text = [r["prompt"] for r in records]
     responses = [r["response"] for r in records]
-    for judge in (HarmClassifierJudge(harm_judge_path), VaderJudge()):
+    for judge in (TrainedHarmJudge.classifier(harm_judge_path), VaderJudge()):
         for record, score in zip(records, judge.score(prompts_text, responses), strict=True):
             record.setdefault("judgements", {})[judge.name] = score
     try:
