@@ -234,7 +234,7 @@ class LexicographicScorer:
         slot_t = torch.tensor(rows)
         # The rows' logits, edited in place: a view when the rows are consecutive (the usual batch), else a copy
         # written back at the end.
-        in_place = logits.dtype == torch.float32 and rows == list(range(rows[0], rows[0] + len(rows)))
+        in_place = logits.dtype == torch.float32 and rows[-1] - rows[0] == len(rows) - 1  # sorted, distinct
         block = logits[rows[0] : rows[0] + len(rows)] if in_place else logits[slot_t].float()
         eos_logit = block[:, self.eos].clone()
         block[:, self.eos] = float("inf")  # EOS is always a candidate
