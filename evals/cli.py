@@ -53,6 +53,11 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _name_size(text: str) -> tuple[str, int]:
+    name, value = _key_value(text)
+    return name, _positive_int(value)
+
+
 def _csv_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -108,6 +113,14 @@ def _add_benchmark_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sample", type=_positive_int, default=None, help="prompts per benchmark (default: all)"
     )
+    parser.add_argument(
+        "--sample-of",
+        type=_name_size,
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="prompts of one benchmark, overriding --sample (repeatable; e.g. harmfulqa=520)",
+    )
     parser.add_argument("--data-dir", default=None, help="shared data folder (default $PROSOCIAL_DATA_DIR)")
 
 
@@ -155,7 +168,13 @@ def _benchmarks(args: argparse.Namespace):
         loaded += load_benchmark_file(path, args.format, args.benchmark_kind)
     if not loaded:
         raise ValueError("no benchmarks selected (--benchmarks none and no --benchmark-file)")
-    return [sample_items(benchmark, args.sample, args.seed) for benchmark in loaded]
+    overrides = dict(args.sample_of)
+    not_selected = sorted(set(overrides) - {benchmark.name for benchmark in loaded})
+    if not_selected:
+        raise ValueError(f"--sample-of: {not_selected} not among the selected benchmarks")
+    return [
+        sample_items(benchmark, overrides.get(benchmark.name, args.sample), args.seed) for benchmark in loaded
+    ]
 
 
 def _judge_factory(args: argparse.Namespace):
@@ -210,6 +229,7 @@ def handle_run(args: argparse.Namespace) -> int:
             out_dir=Path(args.out) if args.out else DEFAULT_REPORTS / "runs" / args.name,
             seed=args.seed,
             sample_size=args.sample,
+            sample_overrides=dict(args.sample_of),
             prefs=args.prefs,
             overwrite=args.overwrite,
         )
@@ -353,6 +373,7 @@ def handle_compare(args: argparse.Namespace) -> int:
             out_dir=Path(args.out),
             seed=args.seed,
             sample_size=args.sample,
+            sample_overrides=dict(args.sample_of),
             concurrency=args.concurrency,
             sweep=not args.no_sweep,
             sweep_per_source=args.sweep_per_source,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from evals.benchmarks import Benchmark
@@ -30,6 +30,7 @@ class ComparePlan:
     out_dir: Path
     seed: int = 0
     sample_size: int | None = None
+    sample_overrides: dict[str, int] = field(default_factory=dict)
     concurrency: int = 8
     sweep: bool = True
     sweep_per_source: int = 4
@@ -94,6 +95,7 @@ def run_comparison(plan: ComparePlan, judge_factory: Callable[[], JudgeSet]) -> 
                     out_dir=run_dirs[name],
                     seed=plan.seed,
                     sample_size=plan.sample_size,
+                    sample_overrides=plan.sample_overrides,
                     prefs=spec.prefs,
                     overwrite=plan.overwrite,
                 )

@@ -15,7 +15,7 @@ import datetime as dt
 import json
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from evals.benchmarks import Benchmark
@@ -49,6 +49,7 @@ class RunSettings:
     out_dir: Path
     seed: int = 0
     sample_size: int | None = None
+    sample_overrides: dict[str, int] = field(default_factory=dict)
     prefs: dict[str, float] | None = None
     overwrite: bool = False
 
@@ -88,6 +89,7 @@ def run_meta(settings: RunSettings) -> dict:
         "prefs": settings.prefs,
         "seed": settings.seed,
         "sample_size": settings.sample_size,
+        "sample_overrides": settings.sample_overrides,
         "benchmarks": {
             b.name: {"kind": b.kind, "n": len(b), "source": b.source} for b in settings.benchmarks
         },

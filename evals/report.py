@@ -317,7 +317,7 @@ def render_markdown(report: dict) -> str:
                 name,
                 f"`{results['model']}`",
                 json.dumps(results.get("prefs")) if results.get("prefs") else "server default",
-                str(results.get("sample_size") or "full"),
+                _sample_text(results),
                 str(results["seed"]),
                 f"T={sampling['temperature']}, top_p={sampling['top_p']}, max_tokens={sampling['max_tokens']}",
                 ", ".join(results.get("judges", {})),
@@ -376,6 +376,13 @@ def _second_judges(runs: dict[str, dict]) -> list[dict]:
         for judge in results["summary"].get("mean_harmful_rate_by_judge", {})
     }
     return [judge_summary(load_default_probe())] if HARM_PROBE_NAME in used else []
+
+
+def _sample_text(results: dict) -> str:
+    """``30``, ``full`` or ``full; harmfulqa 520``: the sample per benchmark and its overrides."""
+    text = str(results.get("sample_size") or "full")
+    overrides = results.get("sample_overrides") or {}
+    return "; ".join([text] + [f"{name} {size}" for name, size in sorted(overrides.items())])
 
 
 def write_report(

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from evals.benchmarks import HARMFUL, SAFE
-from evals.cli import register
+from evals.cli import _benchmarks, register
 from evals.harm_judge import judge_summary, load_default_classifier
 from evals.jsonio import atomic_write_json
 from evals.launcher import DEFAULT_CONFIG, LauncherError, LocalServer, ServerSpec, load_compare_config
 from evals.metrics import benchmark_metrics, configuration_summary
 from evals.multiobjective import simplex_grid
-from evals.report import build_report, render_markdown, write_report
+from evals.report import _sample_text, build_report, render_markdown, write_report
 from evals.sweep import _prefs_id, summarise_sweep, sweep_prompts
 from rewardmodel.attributes import PROSOCIAL_ATTRIBUTES
 
@@ -218,6 +218,8 @@ def test_cli_rejects_bad_arguments_by_name(capsys: pytest.CaptureFixture[str]) -
     for argv, needle in (
         (["eval", "run", "--base-url", "http://x", "--prefs", '{"kindness": 1}'], "--prefs"),
         (["eval", "run", "--base-url", "http://x", "--sample", "0"], "--sample"),
+        (["eval", "run", "--base-url", "http://x", "--sample-of", "harmfulqa=0"], "--sample-of"),
+        (["eval", "run", "--base-url", "http://x", "--sample-of", "520"], "--sample-of"),
         (["eval", "run"], "--base-url"),
         (["eval", "compare", "--endpoint", "nourl"], "--endpoint"),
     ):
@@ -229,8 +231,33 @@ def test_cli_rejects_bad_arguments_by_name(capsys: pytest.CaptureFixture[str]) -
     )
     assert args.func(args) == 2
     assert "--benchmarks: unknown ['nope']" in capsys.readouterr().err
+    args = parser.parse_args(
+        [
+            "eval",
+            "run",
+            "--base-url",
+            "http://127.0.0.1:1",
+            "--benchmarks",
+            "advbench",
+            "--sample-of",
+            "catqa=5",
+        ]
+    )
+    assert args.func(args) == 2
+    assert "--sample-of: ['catqa'] not among the selected benchmarks" in capsys.readouterr().err
     args = parser.parse_args(["eval", "run", "--base-url", "http://x", "--prefs", '{"empathy": 1}'])
     assert args.prefs == {"empathy": 1.0} and args.max_tokens == 256 and args.temperature == 0.0
+
+
+def test_sample_of_overrides_one_benchmarks_sample() -> None:
+    args = _parser().parse_args(
+        ["eval", "run", "--base-url", "http://x", "--benchmarks", "advbench,dangerousqa,catqa"]
+        + ["--sample", "5", "--sample-of", "dangerousqa=7", "--sample-of", "catqa=600"]
+    )
+    sizes = {benchmark.name: len(benchmark) for benchmark in _benchmarks(args)}
+    assert sizes == {"advbench": 5, "dangerousqa": 7, "catqa": 550}  # 600 > 550: the whole set
+    results = {"sample_size": None, "sample_overrides": {"harmfulqa": 520}}
+    assert _sample_text(results) == "full; harmfulqa 520"
 
 
 def test_default_configurations_and_config_errors(tmp_path: Path) -> None:
