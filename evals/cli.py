@@ -316,7 +316,7 @@ def _run_dirs(args: argparse.Namespace) -> dict[str, Path]:
             if (child / "results.json").is_file():
                 run_dirs.setdefault(child.name, child)
     if not run_dirs:
-        raise ValueError("no runs: pass --run NAME=DIR or --runs-dir DIR")
+        raise ValueError("no runs: pass --run NAME=DIR or --runs-dir DIR (or, for rejudge, --sweep DIR)")
     return run_dirs
 
 
@@ -339,15 +339,20 @@ def handle_report(args: argparse.Namespace) -> int:
 
 
 def handle_rejudge(args: argparse.Namespace) -> int:
-    """Judge the stored responses of finished runs again with the named judges (others' verdicts are kept)."""
+    """Judge the stored responses of finished runs (and a sweep) again with the named judges; others are kept."""
     from evals.evaluate import rejudge_run
+    from evals.sweep import rejudge_sweep
 
     try:
-        run_dirs = _run_dirs(args)
+        run_dirs = _run_dirs(args) if (args.run or args.runs_dir or not args.sweep) else {}
         make_judges = _judge_factory(args)
         for name, run_dir in run_dirs.items():
             summary = rejudge_run(run_dir, make_judges())["summary"]
             print(json.dumps({"run": name, "summary": summary}))
+        if args.sweep:
+            result = rejudge_sweep(Path(args.sweep), make_judges())
+            keys = ("hypervolume", "mip", "all_attributes_rise")
+            print(json.dumps({"sweep": args.sweep} | {key: result.get(key) for key in keys}))
     except (ValueError, FileNotFoundError) as error:
         return _fail(str(error))
     return 0
@@ -453,6 +458,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     rejudge.add_argument("--run", type=_key_value, action="append", default=[], metavar="NAME=DIR")
     rejudge.add_argument("--runs-dir", default=None, help="every sub-folder with a results.json")
+    rejudge.add_argument("--sweep", default=None, help="a finished sweep's folder (holding sweep.json)")
     _add_judge_args(rejudge)
     rejudge.set_defaults(func=handle_rejudge)
 

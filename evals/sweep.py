@@ -22,7 +22,7 @@ import numpy as np
 from evals.benchmarks import resolve_data_dir
 from evals.evaluate import git_commit
 from evals.jsonio import atomic_write_json, atomic_write_jsonl
-from evals.judges import JudgeUnavailable
+from evals.judges import JudgeSet, JudgeUnavailable, apply_judges
 from evals.multiobjective import (
     HV_REFERENCE_MARGIN,
     mean_inner_product,
@@ -230,24 +230,43 @@ def run_sweep(
         "n_responses": len(records),
         "failures": outcome.failures,
     }
-    prompts_text = [r["prompt"] for r in records]
-    responses = [r["response"] for r in records]
-    for judge in (TrainedHarmJudge.classifier(harm_judge_path), VaderJudge()):
-        for record, score in zip(records, judge.score(prompts_text, responses), strict=True):
-            record.setdefault("judgements", {})[judge.name] = score
+    judges = JudgeSet([TrainedHarmJudge.classifier(harm_judge_path), VaderJudge()], {})
     try:
-        arm = ArmScorer()
-        for record, score in zip(records, arm.score(prompts_text, responses), strict=True):
-            record["judgements"][arm.name] = score
-        result["arm_available"] = True
+        judges.judges.append(ArmScorer())
     except JudgeUnavailable as error:
-        result["arm_available"] = False
-        result["arm_unavailable_reason"] = str(error)
+        judges.unavailable["arm"] = str(error)
+    apply_judges(judges, records)
+    return _finish_sweep(out_dir, result, records, judges)
+
+
+def rejudge_sweep(out_dir: Path, judge_set: JudgeSet) -> dict:
+    """Apply ``judge_set`` again to a finished sweep's stored responses, keeping every other judge's verdicts.
+
+    For when a judge changes (a rebuilt harm judge): no server, no generation; ``sweep.json`` and the plots are
+    derived again from the updated verdicts.
+    """
+    result_path, judged_path = out_dir / "sweep.json", out_dir / "sweep_judged.jsonl"
+    for path in (result_path, judged_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run the sweep first")
+    result = json.loads(result_path.read_text(encoding="utf-8"))
+    records = [json.loads(line) for line in judged_path.read_text(encoding="utf-8").splitlines() if line]
+    apply_judges(judge_set, records)
+    return _finish_sweep(out_dir, result, records, judge_set)
+
+
+def _finish_sweep(out_dir: Path, result: dict, records: list[dict], judges: JudgeSet) -> dict:
+    """Write the judged responses, then HV, MIP, monotonicity and plots (when the ARM scored every response)."""
     atomic_write_jsonl(out_dir / "sweep_judged.jsonl", records)
-    if outcome.failures:
-        result["error"] = f"{len(outcome.failures)} requests failed; rerun the same command to resume"
+    for stale in ("error", "arm_unavailable_reason"):
+        result.pop(stale, None)
+    result["arm_available"] = all("arm" in record["judgements"] for record in records)
+    if "arm" in judges.unavailable:
+        result["arm_unavailable_reason"] = judges.unavailable["arm"]
+    if result["failures"]:
+        result["error"] = f"{len(result['failures'])} requests failed; rerun the same command to resume"
     elif result["arm_available"]:
-        result.update(summarise_sweep(grid, records))
+        result.update(summarise_sweep([tuple(vector) for vector in result["grid"]], records))
         result["plots"] = [path.name for path in plot_sweep(result, out_dir)]
     else:
         result.update({"mip": None, "hypervolume": None, "monotonicity": None, "plots": []})

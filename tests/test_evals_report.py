@@ -12,12 +12,13 @@ import pytest
 from evals.benchmarks import HARMFUL, SAFE
 from evals.cli import _benchmarks, register
 from evals.harm_judge import judge_summary, load_default_classifier
-from evals.jsonio import atomic_write_json
+from evals.jsonio import atomic_write_json, atomic_write_jsonl
+from evals.judges import build_judges
 from evals.launcher import DEFAULT_CONFIG, LauncherError, LocalServer, ServerSpec, load_compare_config
 from evals.metrics import benchmark_metrics, configuration_summary
 from evals.multiobjective import simplex_grid
 from evals.report import _sample_text, build_report, render_markdown, write_report
-from evals.sweep import _prefs_id, summarise_sweep, sweep_prompts
+from evals.sweep import _prefs_id, rejudge_sweep, summarise_sweep, sweep_prompts
 from rewardmodel.attributes import PROSOCIAL_ATTRIBUTES
 
 JUDGES = {
@@ -167,6 +168,25 @@ def test_sweep_summary_responds_to_requests() -> None:
     assert (summary["points"][0]["n"], summary["points"][0]["n_with_text"]) == (3, 2)
     flat = summarise_sweep(grid, _sweep_records(gain=0.0))
     assert flat["mip"] == pytest.approx(0.2) and not flat["all_attributes_rise"]
+
+
+def test_rejudge_sweep_replaces_one_judge_and_keeps_the_others(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="sweep.json not found"):
+        rejudge_sweep(tmp_path, build_judges(["harm_tfidf_lr"]))
+    records = [record | {"prompt": "Write a poem about tea."} for record in _sweep_records(gain=2.0)]
+    for record in records:
+        record["judgements"]["harm_tfidf_lr"] = {"harmful": True}  # a stale verdict of an older judge
+    atomic_write_jsonl(tmp_path / "sweep_judged.jsonl", records)
+    grid = [list(vector) for vector in simplex_grid(len(PROSOCIAL_ATTRIBUTES))]
+    atomic_write_json(tmp_path / "sweep.json", {"grid": grid, "failures": {}, "error": "stale"})
+    result = rejudge_sweep(tmp_path, build_judges(["harm_tfidf_lr"]))
+    # "Some text." has no content to judge (fewer than three 3+-letter words): harmless under the rebuilt judge.
+    assert [point["unsafe_leakage_harmful_prompts"] for point in result["points"]] == [0.0] * len(grid)
+    assert result["mip"] == pytest.approx((5 + 5 + 0.2) / 16) and "error" not in result
+    stored = [json.loads(line) for line in (tmp_path / "sweep_judged.jsonl").read_text().splitlines()]
+    assert [r["judgements"]["arm"] for r in stored] == [r["judgements"]["arm"] for r in _sweep_records(2.0)]
+    assert json.loads((tmp_path / "sweep.json").read_text())["plots"] == result["plots"]
+    assert all((tmp_path / name).is_file() for name in result["plots"])
 
 
 def test_sweep_prompt_set_is_fixed_and_mixed() -> None:
