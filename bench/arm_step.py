@@ -4,7 +4,9 @@ CPU kernels (``VllmCpuTrunkOps``, what the server uses), side by side in one pro
 
 At each context length it reports the median step (trunk + heads on 256 candidates) per configuration, and the
 attention kernel's own time for that batch and context, so the growth from 32 to 512 tokens can be set against it.
-Writes ``reports/bench_arm_step.json``.
+Beside the kernel, the memory floor of the same work (the time one thread takes just to read as many bytes as the
+keys and values the kernel must read) and the kernel's arithmetic rate (two multiply-adds per query head, position
+and channel: scores and weighted values). Writes ``reports/bench_arm_step.json``.
 
     python -m bench.arm_step
 """
@@ -84,8 +86,38 @@ def measure(contexts: tuple[int, ...], batch: int, steps: int) -> dict:
         result[str(context)] = {
             **{f"{name}_step_ms": _median_ms(samples) for name, samples in times.items()},
             "attention_all_layers_ms": _median_ms(attention_times),
+            **_attention_floors(runtime, steps, _median_ms(attention_times)),
         }
     return result
+
+
+def _attention_floors(runtime, steps: int, attention_ms: float) -> dict:
+    """What the attention kernel must read per step, how fast one thread can merely read that many bytes, and the
+    kernel's arithmetic rate: is the growth with context a memory limit or the kernel's own?"""
+    cache, shape = runtime.cache, runtime.shape
+    length = int(cache.lengths.max())
+    read_bytes = 2 * shape.num_layers * cache.slots * shape.kv_heads * length * shape.head_dim
+    read_bytes *= cache.kv.element_size()
+    # The same number of bytes in one contiguous buffer, summed by one thread after a 64 MB read has pushed it out
+    # of the caches: the memory floor with ideal access (torch's reductions over strided slices are far slower).
+    buffer = torch.ones(read_bytes // cache.kv.element_size(), dtype=cache.kv.dtype)
+    evict = torch.ones(32_000_000, dtype=torch.bfloat16)
+    read_times = []
+    for _ in range(steps):
+        evict.sum()
+        start = time.perf_counter()
+        buffer.sum()
+        read_times.append(time.perf_counter() - start)
+    read_ms = _median_ms(read_times)
+    flop = 4 * cache.slots * shape.heads * length * shape.head_dim * shape.num_layers
+    return {
+        "kv_positions": length,
+        "kv_bytes_read_per_step_mb": round(read_bytes / 1e6, 2),
+        "kv_read_only_ms": read_ms,
+        "kv_read_gb_s": round(read_bytes / read_ms / 1e6, 1),
+        "attention_gflop_per_step": round(flop / 1e9, 4),
+        "attention_gflop_s": round(flop / attention_ms / 1e6, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "method": "median of interleaved decode steps (trunk + heads on 256 candidates), bfloat16, both runtimes "
         "with vLLM's oneDNN product and paged CPU attention; attention_all_layers_ms: the attention kernel "
-        "alone over every layer's cache for the same batch and context (it also writes one position per row)",
+        "alone over every layer's cache for the same batch and context (it also writes one position per row); "
+        "kv_read_only_ms: one thread reading as many bytes as the kernel must (a sum over a contiguous "
+        "buffer, after a 64 MB read evicted it from the caches), the memory floor of that kernel; attention_gflop_s: the kernel's rate at 4 flop per query head, position and "
+        "channel",
         "command": " ".join(["python -m bench.arm_step", *(sys.argv[1:] if argv is None else argv)]),
     }
     write_report(args.out, report)
