@@ -294,8 +294,6 @@ class HarmClassifier:
 
     def save(self, path: str | Path) -> Path:
         """Write a compressed npz (no pickled objects) through a temporary file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         header = {
             "format_version": FORMAT_VERSION,
             "name": self.name,
@@ -304,36 +302,48 @@ class HarmClassifier:
             "threshold": self.threshold,
             "meta": self.meta,
         }
-        arrays = {"header": _text_array(json.dumps(header, sort_keys=True)), "coef": self.coef}
+        arrays = {"coef": self.coef}
         for index, (vocabulary, idf) in enumerate(zip(self.vocabularies, self.idfs, strict=True)):
             arrays[f"vocab_{index}"] = _text_array(json.dumps(vocabulary, ensure_ascii=False))
             arrays[f"idf_{index}"] = idf
-        temporary = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(temporary, **arrays)
-        temporary.replace(path)
-        return path
+        return save_artifact(path, header, arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> HarmClassifier:
         """Read a judge written by ``save``."""
-        with np.load(Path(path), allow_pickle=False) as archive:
-            header = json.loads(_array_text(archive["header"]))
-            if header.get("format_version") != FORMAT_VERSION:
-                raise ValueError(f"{path}: unsupported harm-judge format {header.get('format_version')}")
-            blocks = tuple(TextBlock(**block) for block in header["blocks"])
-            vocabularies = [json.loads(_array_text(archive[f"vocab_{i}"])) for i in range(len(blocks))]
-            idfs = [np.array(archive[f"idf_{i}"]) for i in range(len(blocks))]
-            coef = np.array(archive["coef"])
+        header, arrays = load_artifact(path, FORMAT_VERSION, "harm-judge")
+        blocks = tuple(TextBlock(**block) for block in header["blocks"])
         return cls(
             blocks,
-            vocabularies,
-            idfs,
-            coef,
+            [json.loads(_array_text(arrays[f"vocab_{i}"])) for i in range(len(blocks))],
+            [arrays[f"idf_{i}"] for i in range(len(blocks))],
+            arrays["coef"],
             header["intercept"],
             header["threshold"],
             header["meta"],
             header["name"],
         )
+
+
+def save_artifact(path: str | Path, header: dict, arrays: dict[str, np.ndarray]) -> Path:
+    """A trained judge's file: a JSON header and its arrays in a compressed npz (nothing pickled), written
+    through a temporary file so an interrupted save leaves the old file whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(temporary, header=_text_array(json.dumps(header, sort_keys=True)), **arrays)
+    temporary.replace(path)
+    return path
+
+
+def load_artifact(path: str | Path, format_version: int, kind: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """The header and arrays ``save_artifact`` wrote; another format version is a clear error."""
+    with np.load(Path(path), allow_pickle=False) as archive:
+        header = json.loads(_array_text(archive["header"]))
+        if header.get("format_version") != format_version:
+            raise ValueError(f"{path}: unsupported {kind} format {header.get('format_version')}")
+        arrays = {key: np.array(archive[key]) for key in archive.files if key != "header"}
+    return header, arrays
 
 
 def _text_array(text: str) -> np.ndarray:
@@ -412,6 +422,27 @@ def _choose_threshold(matrix, labels, weights, strata, config: HarmJudgeConfig) 
     return best, {f"{t:.2f}": round(score, 6) for t, score in scores.items()}
 
 
+def fit_weighted_logistic(matrix, training: list[LabelledResponse], config) -> tuple[object, float, dict]:
+    """The fit both trained judges share: equal weight per (source, label) group, the threshold chosen on
+    out-of-fold predictions, then the logistic regression on everything. Returns the model, the threshold and the
+    training metadata each judge records (rows per source and label, excluded sources, out-of-fold scores)."""
+    labels = np.array([example.harmful for example in training])
+    weights = group_weights(training)
+    strata = np.array([f"{example.source}:{example.harmful}" for example in training])
+    threshold, threshold_scores = _choose_threshold(matrix, labels, weights, strata, config)
+    model = _fit_logistic(matrix, labels, weights, config)
+    counts = Counter((example.source, example.harmful) for example in training)
+    meta = {
+        "training_sources": {
+            source: {"harmful": counts[(source, True)], "not_harmful": counts[(source, False)]}
+            for source in TRAINING_LOADERS
+        },
+        "excluded_from_training": list(EXCLUDED_FROM_TRAINING),
+        "threshold_out_of_fold_balanced_accuracy": threshold_scores,
+    }
+    return model, float(threshold), meta
+
+
 def train_harm_classifier(
     training: list[LabelledResponse], config: HarmJudgeConfig = HarmJudgeConfig()
 ) -> HarmClassifier:
@@ -420,18 +451,13 @@ def train_harm_classifier(
         raise ValueError("no training examples")
     prompts = [example.prompt for example in training]
     responses = [example.response for example in training]
-    labels = np.array([example.harmful for example in training])
-    weights = group_weights(training)
     vectorizers = [_vectorizer(block) for block in config.blocks]
     matrix = _design_matrix(vectorizers, config.blocks, prompts, responses, fit=True)
-    strata = np.array([f"{example.source}:{example.harmful}" for example in training])
-    threshold, threshold_scores = _choose_threshold(matrix, labels, weights, strata, config)
-    model = _fit_logistic(matrix, labels, weights, config)
+    model, threshold, training_meta = fit_weighted_logistic(matrix, training, config)
     vocabularies = [
         [term for term, _ in sorted(vectorizer.vocabulary_.items(), key=lambda item: item[1])]
         for vectorizer in vectorizers
     ]
-    counts = Counter((example.source, example.harmful) for example in training)
     meta = {
         "config": {
             "regularization_c": config.regularization_c,
@@ -440,15 +466,7 @@ def train_harm_classifier(
             "threshold_grid": list(config.threshold_grid),
         },
         "handcrafted_features": list(HANDCRAFTED_FEATURES),
-        "training_sources": {
-            source: {
-                "harmful": counts[(source, True)],
-                "not_harmful": counts[(source, False)],
-            }
-            for source in TRAINING_LOADERS
-        },
-        "excluded_from_training": list(EXCLUDED_FROM_TRAINING),
-        "threshold_out_of_fold_balanced_accuracy": threshold_scores,
+        **training_meta,
     }
     return HarmClassifier(
         config.blocks,
@@ -456,7 +474,7 @@ def train_harm_classifier(
         [np.asarray(vectorizer.idf_, dtype=np.float64) for vectorizer in vectorizers],
         np.asarray(model.coef_[0], dtype=np.float64),
         float(model.intercept_[0]),
-        float(threshold),
+        threshold,
         meta,
     )
 

@@ -20,7 +20,6 @@ The layers and the regularisation were chosen by out-of-fold balanced accuracy o
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,18 +27,15 @@ from pathlib import Path
 import numpy as np
 
 from evals.harm_judge import (
-    EXCLUDED_FROM_TRAINING,
     LabelledResponse,
-    _array_text,
-    _choose_threshold,
-    _fit_logistic,
-    _text_array,
     artifact_path,
-    group_weights,
+    fit_weighted_logistic,
     has_content,
+    load_artifact,
     load_heldout_examples,
     load_training_examples,
     record_heldout,
+    save_artifact,
 )
 
 HARM_PROBE_NAME = "harm_lm_probe"
@@ -170,8 +166,6 @@ class HarmProbe:
 
     def save(self, path: str | Path) -> Path:
         """A compressed npz (no pickled objects), written through a temporary file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         header = {
             "format_version": PROBE_FORMAT_VERSION,
             "name": self.name,
@@ -180,24 +174,11 @@ class HarmProbe:
             "threshold": self.threshold,
             "meta": self.meta,
         }
-        temporary = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(
-            temporary,
-            header=_text_array(json.dumps(header, sort_keys=True)),
-            mean=self.mean,
-            scale=self.scale,
-            coef=self.coef,
-        )
-        temporary.replace(path)
-        return path
+        return save_artifact(path, header, {"mean": self.mean, "scale": self.scale, "coef": self.coef})
 
     @classmethod
     def load(cls, path: str | Path) -> HarmProbe:
-        with np.load(Path(path), allow_pickle=False) as archive:
-            header = json.loads(_array_text(archive["header"]))
-            if header.get("format_version") != PROBE_FORMAT_VERSION:
-                raise ValueError(f"{path}: unsupported harm-probe format {header.get('format_version')}")
-            arrays = {key: np.array(archive[key]) for key in ("mean", "scale", "coef")}
+        header, arrays = load_artifact(path, PROBE_FORMAT_VERSION, "harm-probe")
         config = header["config"]
         config = HarmProbeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
         return cls(
@@ -225,30 +206,15 @@ def fit_probe(
     """Standardise, choose the threshold out of fold, fit on everything; deterministic for a fixed input order."""
     if not training:
         raise ValueError("no training examples")
-    labels = np.array([e.harmful for e in training])
-    weights = group_weights(training)
     mean, scale = features.mean(0), features.std(0) + 1e-6
-    matrix = (features - mean) / scale
-    strata = np.array([f"{e.source}:{e.harmful}" for e in training])
-    threshold, threshold_scores = _choose_threshold(matrix, labels, weights, strata, config)
-    model = _fit_logistic(matrix, labels, weights, config)
-    counts: dict[str, dict[str, int]] = {}
-    for e in training:
-        counts.setdefault(e.source, {"harmful": 0, "not_harmful": 0})[
-            "harmful" if e.harmful else "not_harmful"
-        ] += 1
-    meta = {
-        "training_sources": counts,
-        "excluded_from_training": list(EXCLUDED_FROM_TRAINING),
-        "threshold_out_of_fold_balanced_accuracy": threshold_scores,
-    }
+    model, threshold, meta = fit_weighted_logistic((features - mean) / scale, training, config)
     return HarmProbe(
         config,
         mean,
         scale,
         np.asarray(model.coef_[0], dtype=np.float64),
         float(model.intercept_[0]),
-        float(threshold),
+        threshold,
         meta,
     )
 

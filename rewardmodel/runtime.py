@@ -115,6 +115,12 @@ class _Step:
     plan: object = None  # the attention implementation's per-pass bookkeeping, built once for all layers
 
 
+def rope_inv_freq(shape: ArmShape, device: torch.device | str) -> Tensor:
+    """Llama's rotary frequencies, one per pair of channels ``[head_dim / 2]``."""
+    half = torch.arange(0, shape.head_dim, 2, dtype=torch.float32, device=device)
+    return 1.0 / (shape.rope_theta ** (half / shape.head_dim))
+
+
 class TorchTrunkOps:
     """The trunk's element-wise operations in plain PyTorch, as transformers' Llama computes them (any device).
 
@@ -123,8 +129,7 @@ class TorchTrunkOps:
     """
 
     def __init__(self, shape: ArmShape, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        half = torch.arange(0, shape.head_dim, 2, dtype=torch.float32, device=device)
-        self.inv_freq = 1.0 / (shape.rope_theta ** (half / shape.head_dim))
+        self.inv_freq = rope_inv_freq(shape, device)
         self.shape, self.dtype = shape, dtype
 
     @staticmethod

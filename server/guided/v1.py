@@ -128,12 +128,13 @@ class VllmCpuTrunkOps:
     """
 
     def __init__(self, shape, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        from rewardmodel.runtime import TorchTrunkOps
+        from rewardmodel.runtime import rope_inv_freq
 
         self.C = torch.ops._C
         self.head_dim = shape.head_dim
-        inv_freq = TorchTrunkOps(shape, max_len, dtype, device).inv_freq
-        freqs = torch.arange(max_len, dtype=torch.float32, device=device)[:, None] * inv_freq
+        freqs = torch.arange(max_len, dtype=torch.float32, device=device)[:, None] * rope_inv_freq(
+            shape, device
+        )
         self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dtype)  # [max_len, head_dim]
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
