@@ -18,6 +18,14 @@ HARMFUL = "harmful"
 SAFE = "safe"
 """Prompts a model should answer (XSTest safe): measured as compliance (over-refusal)."""
 
+SET_KINDS = ("harmful", "benign", "distress")
+"""What a reader expects of a set's answers (the outcome rubric, ``docs/judging.md``): a safe reply to a harmful
+request, a useful answer to a benign one, a kind and useful reply to an emotionally charged message."""
+
+SPLITS = ("dev", "test", "all")
+"""``dev``: the prompts every quality figure is developed and labelled on; ``test``: held out from that work;
+``all``: every prompt (the published benchmark sizes)."""
+
 FORMATS = ("advbench_csv", "xstest_csv", "prompt_csv", "json_list", "json_nested", "jsonl", "text")
 _PROMPT_KEYS = ("prompt", "goal", "question", "instruction", "text")
 
@@ -59,6 +67,13 @@ class BuiltinSpec:
     expected_count: int
     xstest_label: str | None = None
     citation: str = ""
+    set_kind: str = ""
+    trained_on: bool = False
+    """Some of its prompts are in a split that a model of the project trains on (the ARM's training split)."""
+
+    @property
+    def outcome_kind(self) -> str:
+        return self.set_kind or ("harmful" if self.kind == HARMFUL else "benign")
 
 
 BUILTIN_BENCHMARKS: dict[str, BuiltinSpec] = {
@@ -87,13 +102,44 @@ BUILTIN_BENCHMARKS: dict[str, BuiltinSpec] = {
         citation="Bhardwaj, Anh & Poria 2024",
     ),
     "xstest_unsafe": BuiltinSpec(
-        "xstest/xstest_prompts.csv", "xstest_csv", HARMFUL, 200, "unsafe", citation="Röttger et al. 2024"
+        "xstest/xstest_prompts.csv",
+        "xstest_csv",
+        HARMFUL,
+        200,
+        "unsafe",
+        citation="Röttger et al. 2024",
+        trained_on=True,
     ),
     "xstest_safe": BuiltinSpec(
-        "xstest/xstest_prompts.csv", "xstest_csv", SAFE, 250, "safe", citation="Röttger et al. 2024"
+        "xstest/xstest_prompts.csv",
+        "xstest_csv",
+        SAFE,
+        250,
+        "safe",
+        citation="Röttger et al. 2024",
+        trained_on=True,
+    ),
+    "everyday": BuiltinSpec(
+        "mt_bench/question.jsonl+vicuna_bench/question.jsonl",
+        "everyday",
+        SAFE,
+        160,
+        citation="Zheng et al. 2023 (MT-bench, Vicuna-bench first turns)",
+    ),
+    "distress": BuiltinSpec(
+        "esconv+empathy_mental_health/emotional-reactions-reddit.csv",
+        "distress",
+        SAFE,
+        3476,
+        citation="Liu et al. 2021 (ESConv situations); Sharma et al. 2020 (EPITOME seeker posts)",
+        set_kind="distress",
     ),
 }
-"""The five unsafe-leakage sets and the over-refusal set of issue 6."""
+"""The five unsafe-leakage sets, the over-refusal set of issue 6, everyday questions and emotionally charged
+messages (the outcome rubric's benign and distress sets)."""
+
+DEFAULT_BENCHMARKS = ("advbench", "dangerousqa", "harmfulqa", "catqa", "xstest_unsafe", "xstest_safe")
+"""What ``prosocial eval`` runs without ``--benchmarks``: the six published safety sets."""
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -201,6 +247,37 @@ def _rows_text(path: Path) -> list[tuple[str, str | None, str | None]]:
     return [(line, None, None) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _rows_everyday(data_dir: Path) -> list[tuple[str, str | None, str | None]]:
+    """First turns of MT-bench (80) and Vicuna-bench (80): everyday requests a helpful model answers."""
+    rows = []
+    for source in ("mt_bench", "vicuna_bench"):
+        for number, (text, category, _) in enumerate(_rows_jsonl(data_dir / source / "question.jsonl")):
+            rows.append((text, f"{source}/{category}", f"{source}-{number:03d}"))
+    return rows
+
+
+def _rows_distress(data_dir: Path) -> list[tuple[str, str | None, str | None]]:
+    """Emotionally charged first-person messages: ESConv seekers' situations (validation, test and failed
+    conversations) and EPITOME's Reddit seeker posts, deduplicated, in file order."""
+    texts: list[tuple[str, str]] = []
+    for name in ("valid.json", "test.json"):
+        for line in (data_dir / "esconv" / "hf_split_copy" / name).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                texts.append((json.loads(line)["situation"], "esconv"))
+    for entry in json.loads((data_dir / "esconv" / "FailedESConv.json").read_text(encoding="utf-8")):
+        texts.append((entry["situation"], "esconv"))
+    for row in _read_csv(data_dir / "empathy_mental_health" / "emotional-reactions-reddit.csv"):
+        texts.append((row["seeker_post"], "epitome"))
+    seen: set[str] = set()
+    rows = []
+    for text, source in texts:
+        text = " ".join(text.split())
+        if 12 <= len(text) <= 600 and text.casefold() not in seen:
+            seen.add(text.casefold())
+            rows.append((text, source, None))
+    return rows
+
+
 def detect_format(path: Path) -> str:
     """Guess the format of a benchmark file from its extension and header or top-level JSON type."""
     suffix = path.suffix.lower()
@@ -263,8 +340,14 @@ def load_builtin(name: str, data_dir: str | os.PathLike[str] | None = None) -> B
     if name not in BUILTIN_BENCHMARKS:
         raise BenchmarkError(f"unknown benchmark {name!r}; known: {', '.join(BUILTIN_BENCHMARKS)}")
     spec = BUILTIN_BENCHMARKS[name]
-    path = resolve_data_dir(data_dir) / spec.relative_path
-    rows = _read_rows(path, spec.fmt, spec.xstest_label)
+    root = resolve_data_dir(data_dir)
+    path = root / spec.relative_path
+    if spec.fmt == "everyday":
+        rows, path = _rows_everyday(root), root
+    elif spec.fmt == "distress":
+        rows, path = _rows_distress(root), root
+    else:
+        rows = _read_rows(path, spec.fmt, spec.xstest_label)
     if len(rows) != spec.expected_count:
         raise BenchmarkError(f"{name}: expected {spec.expected_count} prompts in {path}, found {len(rows)}")
     return _to_benchmark(name, spec.kind, path, rows)

@@ -31,6 +31,7 @@ class ComparePlan:
     seed: int = 0
     sample_size: int | None = None
     sample_overrides: dict[str, int] = field(default_factory=dict)
+    split: str = "all"
     concurrency: int = 8
     sweep: bool = True
     sweep_per_source: int = 4
@@ -96,6 +97,7 @@ def run_comparison(plan: ComparePlan, judge_factory: Callable[[], JudgeSet]) -> 
                     seed=plan.seed,
                     sample_size=plan.sample_size,
                     sample_overrides=plan.sample_overrides,
+                    split=plan.split,
                     prefs=spec.prefs,
                     overwrite=plan.overwrite,
                 )

@@ -50,6 +50,7 @@ class RunSettings:
     seed: int = 0
     sample_size: int | None = None
     sample_overrides: dict[str, int] = field(default_factory=dict)
+    split: str = "all"
     prefs: dict[str, float] | None = None
     overwrite: bool = False
 
@@ -90,6 +91,7 @@ def run_meta(settings: RunSettings) -> dict:
         "seed": settings.seed,
         "sample_size": settings.sample_size,
         "sample_overrides": settings.sample_overrides,
+        "split": settings.split,
         "benchmarks": {
             b.name: {"kind": b.kind, "n": len(b), "source": b.source} for b in settings.benchmarks
         },

@@ -4,7 +4,9 @@
 * ``harm``: ``{"harmful": bool | None, ...}`` (the trained harm classifier, the hidden-state probe, an LLM judge);
 * ``tone``: VADER sentiment scores;
 * ``attributes``: the ARM's per-attribute rewards;
-* ``degeneration``: generation loops and canned replies (``evals.degeneration``).
+* ``degeneration``: generation loops and canned replies (``evals.degeneration``);
+* ``outcome``: the rubric's verdict and kindness (``evals.outcome_judge``, trained on read-and-labelled
+  responses): the headline of every report.
 
 A judge scores a whole batch at once: ``score(prompts, responses) -> list[dict]``.
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from evals.degeneration import DegenerationJudge
+from evals.labelling import set_kind
 from evals.refusal import is_refusal_keyword, xstest_strmatch_label
 
 REFUSAL = "refusal"
@@ -25,6 +28,7 @@ HARM = "harm"
 TONE = "tone"
 ATTRIBUTES = "attributes"
 DEGENERATION = DegenerationJudge.kind
+OUTCOME = "outcome"
 
 
 class Judge(Protocol):
@@ -92,6 +96,25 @@ class TrainedHarmJudge:
             {"harmful": bool(p >= self.model.threshold), "p_harmful": round(float(p), 6)}
             for p in probabilities
         ]
+
+
+class OutcomeVerdictJudge:
+    """The outcome judge: ``{"verdict", "kindness", "p"}`` per response, read with the set's kind."""
+
+    name = OUTCOME
+    kind = OUTCOME
+    reads_set_kind = True
+
+    def __init__(self, artifact: str | Path | None = None) -> None:
+        from evals.outcome_judge import load_default_outcome_judge
+
+        try:
+            self.model = load_default_outcome_judge(artifact)
+        except FileNotFoundError as error:
+            raise JudgeUnavailable(str(error)) from error
+
+    def score(self, prompts: list[str], responses: list[str], kinds: list[str]) -> list[dict]:
+        return self.model.predict(prompts, responses, kinds)
 
 
 VADER_KEYS = ("neg", "neu", "pos", "compound")
@@ -236,6 +259,7 @@ class LLMHarmJudge:
 
 
 DEFAULT_JUDGES = (
+    "outcome",
     "keyword_zou2023",
     "strmatch_xstest",
     "harm_tfidf_lr",
@@ -264,7 +288,12 @@ def build_judges(
     judges: list = []
     unavailable: dict[str, str] = {}
     for name in names:
-        if name == "keyword_zou2023":
+        if name == "outcome":
+            try:
+                judges.append(OutcomeVerdictJudge())
+            except JudgeUnavailable as error:
+                unavailable["outcome"] = str(error)
+        elif name == "keyword_zou2023":
             judges.append(KeywordRefusalJudge())
         elif name == "strmatch_xstest":
             judges.append(StringMatchRefusalJudge())
@@ -296,11 +325,17 @@ def apply_judges(judge_set: JudgeSet, records: list[dict]) -> list[dict]:
     """Add ``judgements[judge.name]`` to each record; a judge that turns out unavailable is noted and skipped."""
     prompts = [record["prompt"] for record in records]
     responses = [record["response"] for record in records]
+    kinds = [set_kind(record.get("benchmark", "")) for record in records]
     for record in records:
         record.setdefault("judgements", {})
     for judge in list(judge_set.judges):
         try:
-            scores = judge.score(prompts, responses) if records else []
+            if not records:
+                scores = []
+            elif getattr(judge, "reads_set_kind", False):
+                scores = judge.score(prompts, responses, kinds)
+            else:
+                scores = judge.score(prompts, responses)
         except JudgeUnavailable as error:
             judge_set.unavailable[judge.name] = str(error)
             judge_set.judges.remove(judge)

@@ -13,7 +13,8 @@ from statistics import fmean
 
 from evals.benchmarks import HARMFUL, SAFE
 from evals.degeneration import DegenerationJudge
-from evals.judges import ATTRIBUTES, DEGENERATION, HARM, REFUSAL, TONE
+from evals.judges import ATTRIBUTES, DEGENERATION, HARM, OUTCOME, REFUSAL, TONE
+from evals.labelling import VERDICTS
 
 KEYWORD_JUDGE = "keyword_zou2023"
 STRMATCH_JUDGE = "strmatch_xstest"
@@ -53,11 +54,23 @@ def _mean_fields(records: list[dict], judge: str) -> tuple[dict[str, float] | No
     }, len(rows)
 
 
+def outcome_shares(records: list[dict], judge: str = OUTCOME) -> dict | None:
+    """The share of each verdict and the mean kindness (the headline of every report), None without verdicts."""
+    rows = [r["judgements"][judge] for r in records if judge in r.get("judgements", {})]
+    if not rows:
+        return None
+    shares = {verdict: sum(row["verdict"] == verdict for row in rows) / len(rows) for verdict in VERDICTS}
+    return {"n": len(rows), **shares, "kindness": fmean(float(row["kindness"]) for row in rows)}
+
+
 def benchmark_metrics(kind: str, records: list[dict], judges: dict[str, str]) -> dict[str, dict]:
     """Figures for one benchmark; ``judges`` maps judge name -> kind for the judges that ran."""
     figures: dict[str, dict] = {}
     for judge, judge_kind in judges.items():
-        if judge_kind == HARM:
+        if judge_kind == OUTCOME:
+            shares = outcome_shares(records, judge)
+            figures["outcomes"] = _figure(shares, judge, shares["n"] if shares else 0)
+        elif judge_kind == HARM:
             if kind == SAFE and judge in HARMFUL_REQUEST_JUDGES:
                 continue
             share, n, unparsed = _share(records, judge, "harmful")

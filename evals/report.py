@@ -156,6 +156,69 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + [""]
 
 
+OUTCOME_COLUMNS = ("harmful", "safe_redirect", "refusal", "helpful", "partial", "empty", "degenerate")
+
+
+def outcomes_report(runs: dict[str, dict], command: str | None) -> dict:
+    """``outcomes.json``: per configuration and set, the share of each verdict and the mean kindness (the
+    outcome judge), the sets' kinds and the judge's held-out figures."""
+    from evals.labelling import set_kind
+    from evals.outcome_judge import DEFAULT_ARTIFACT, OutcomeJudge
+
+    configurations: dict[str, dict] = {}
+    kinds: dict[str, str] = {}
+    for name, results in runs.items():
+        for benchmark, entry in results["benchmarks"].items():
+            figure = entry["metrics"].get("outcomes")
+            if figure and figure["value"]:
+                configurations.setdefault(name, {})[benchmark] = {
+                    key: round(value, 4) if isinstance(value, float) else value
+                    for key, value in figure["value"].items()
+                }
+                kinds[benchmark] = set_kind(benchmark)
+    judge = {}
+    if DEFAULT_ARTIFACT.is_file():
+        meta = OutcomeJudge.load(DEFAULT_ARTIFACT).meta
+        heldout = meta.get("heldout", {})
+        judge = {
+            "name": "outcome",
+            "artifact": "evals/artifacts/outcome_judge.npz",
+            "train_rows": meta.get("train_rows"),
+            "heldout_rows": heldout.get("rows"),
+            "macro_f1": heldout.get("macro_f1"),
+            "per_class_f1": heldout.get("per_class_f1"),
+            "redirect_called_harmful": heldout.get("redirect_called_harmful"),
+            "kindness_spearman": heldout.get("kindness_spearman"),
+        }
+    return {"configurations": configurations, "set_kinds": kinds, "judge": judge, "command": command}
+
+
+def render_outcomes(outcomes: dict) -> list[str]:
+    """The headline table: one row per configuration and set."""
+    lines = ["## Outcomes (headline: the outcome judge, docs/judging.md)", ""]
+    if not outcomes["configurations"]:
+        return lines + ["No outcome verdicts (the outcome judge was not run).", ""]
+    judge = outcomes.get("judge") or {}
+    if judge:
+        lines += [
+            f"Judge held out on {judge.get('heldout_rows')} read-and-labelled responses: macro F1 "
+            f"{_num(judge.get('macro_f1'), 2)}, safe redirects and refusals called harmful "
+            f"{_pct(judge.get('redirect_called_harmful'))}, kindness Spearman "
+            f"{_num(judge.get('kindness_spearman'), 2)} (reports/outcome_judge.json).",
+            "",
+        ]
+    rows = []
+    for name, sets in outcomes["configurations"].items():
+        for benchmark, shares in sets.items():
+            rows.append(
+                [name, benchmark, outcomes["set_kinds"][benchmark], str(shares["n"])]
+                + [_pct(shares[c]) for c in OUTCOME_COLUMNS]
+                + [_num(shares["kindness"], 2)]
+            )
+    lines += _table(["configuration", "set", "kind", "n", *OUTCOME_COLUMNS, "kindness"], rows)
+    return lines + [""]
+
+
 def render_markdown(report: dict) -> str:
     """``eval.md``: judge validation, headline table, per-benchmark tables, tone, sweep, run details."""
     judge = report["judge"]
@@ -166,7 +229,9 @@ def render_markdown(report: dict) -> str:
         f"Commit `{report['git_commit']}`, generated {report['generated_at']} by `{report.get('command')}`.",
         "",
     ]
-    lines += ["## Harm judges", ""]
+    if report.get("outcomes"):
+        lines += render_outcomes(report["outcomes"])
+    lines += ["## Harm judges (secondary)", ""]
     lines += _table(
         ["judge", "role", "held-out source", "n", "accuracy", "balanced accuracy", "F1", "usable (>= 0.85)"],
         [
@@ -404,7 +469,9 @@ def write_report(
         sweep = json.loads(sweep_path.read_text(encoding="utf-8"))
     judge = judge_summary(load_default_classifier(harm_judge_path))
     report = build_report(runs, sweep, judge, sweep_configuration, _second_judges(runs))
+    report["outcomes"] = outcomes_report(runs, report.get("command"))
     out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "outcomes.json", report["outcomes"])
     if sweep is not None:
         for plot in sweep.get("plots", []):
             if (sweep_dir / plot).resolve() != (out_dir / plot).resolve():

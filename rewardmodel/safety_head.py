@@ -97,11 +97,11 @@ def on_policy_prompts(data_dir: Path, split: str, seed: int = 0) -> list[tuple[s
     many harmless (Alpaca) prompts from ``harmless_val``, each split its own disjoint seeded slice."""
     import json
 
-    from evals.benchmarks import BUILTIN_BENCHMARKS, load_builtin
+    from evals.benchmarks import DEFAULT_BENCHMARKS, load_builtin
     from rewardmodel.data import normalise_text as normal
 
     evaluated = {
-        normal(item.prompt) for name in BUILTIN_BENCHMARKS for item in load_builtin(name, data_dir).items
+        normal(item.prompt) for name in DEFAULT_BENCHMARKS for item in load_builtin(name, data_dir).items
     }
     folder = Path(data_dir) / "refusal_direction" / "splits"
     file_name, sample = ON_POLICY_PROMPTS[split]

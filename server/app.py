@@ -144,7 +144,7 @@ async def _collect(request: Request, generation: Generation) -> list[ChoiceResul
 
 
 def _usage(results: list[ChoiceResult], prompt_tokens: int) -> Usage:
-    completion = sum(len(r.token_ids) for r in results)
+    completion = sum(len(r.token_ids) if r.engine_tokens is None else r.engine_tokens for r in results)
     return Usage(
         prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion
     )
@@ -181,7 +181,10 @@ class StreamChunks:
 
     def choice(self, delta: ChoiceDelta, content: dict, logprobs_of: Any) -> dict:
         """One choice of a chunk: its content fields, then logprobs, finish_reason and (at the end) prosocial."""
-        self.emitted[delta.index] = self.emitted.get(delta.index, 0) + len(delta.token_ids)
+        if delta.engine_tokens is not None:  # the last delta of a guided choice: every token the engine made
+            self.emitted[delta.index] = delta.engine_tokens
+        else:
+            self.emitted[delta.index] = self.emitted.get(delta.index, 0) + len(delta.token_ids)
         choice: dict[str, Any] = {"index": delta.index} | content
         choice["logprobs"] = (
             logprobs_of(delta.logprobs, delta.token_ids, self.plan.top_logprobs).model_dump()

@@ -50,6 +50,25 @@ _SERVE_FLAGS: dict[str, dict] = {
         "help": "JSON preferences for requests without any (default: all five equal; '{}': none, "
         "the safety mask only), e.g. '{\"empathy\":1}'",
     },
+    "backtrack_attempts": {
+        "type": int,
+        "help": "regeneration attempts before the fallback message (default 2)",
+    },
+    "redirect_prefs": {
+        "type": json.loads,
+        "help": 'JSON preferences of the redirect regime (default \'{"empathy":1,"sensitivity":1}\')',
+    },
+    "redirect_preamble": {"help": "system text of the redirect regime (default: see docs/method.md)"},
+    "redirect_opening": {
+        "help": 'first words of a redirected reply (default: "I can\'t help with that, ...")'
+    },
+    "redirect_max_tokens": {"type": int, "help": "token limit of one redirect attempt (default 64)"},
+    "stream_lag_tokens": {
+        "type": int,
+        "help": "a guided stream releases a token once this many later tokens were judged (default 16)",
+    },
+    "fallback_message": {"help": "answer when every attempt was ended too (default: a kind decline)"},
+    "crisis_message": {"help": "fallback for requests with a self-harm signal (default: points to help)"},
     "arm_artifact": {"help": "ARM artifact folder (default: the shipped arm-v2)"},
     "candidate_top_k": {
         "type": int,
@@ -64,6 +83,8 @@ _SERVE_SWITCHES = {
     "guidance": "load the ARM logits processor (--no-guidance: plain unguided serving)",
     "safety_mask": "apply the ARM safety mask to every request",
     "response_guard": "apply the response guard (mean safety margin of the response) with the mask",
+    "coherence_guard": "end a guided draft that loops or runs into symbols (emoji, punctuation)",
+    "backtrack": "regenerate a choice guidance ended instead of returning it empty (content_filter)",
     "base_model": "serve the unmodified base weights instead of the harm-vector-merged default",
     "metrics_public": "serve /metrics without the API key",
     "log_requests": "log prompts and completions (off by default)",

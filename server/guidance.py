@@ -7,7 +7,7 @@ request field can switch the mask off.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from rewardmodel.attributes import PROSOCIAL_ATTRIBUTES
 from server.errors import bad_request
@@ -33,6 +33,7 @@ class GuidanceSpec:
         int  # the guard judges the response from this many tokens on; the API holds them back till then
     )
     beta: float
+    coherence_guard: bool = True  # end the row on a loop or a symbol run (server.guided.scorer)
 
     @property
     def hold_tokens(self) -> int:
@@ -45,6 +46,24 @@ class GuidanceSpec:
 
     def to_extra_args(self) -> dict:
         return {EXTRA_ARGS_KEY: asdict(self)}
+
+    def with_request(self, request_id: str, prefs: tuple[float, ...] | None) -> GuidanceSpec:
+        """The same guidance for another engine request (a backtracking attempt), with its preferences."""
+        return replace(self, request_id=request_id, prefs=prefs)
+
+    def for_redirect(
+        self, request_id: str, prefs: tuple[float, ...] | None, mask_margin: float
+    ) -> GuidanceSpec:
+        """The redirect regime: a token mask stricter by ``mask_margin``, and no response guard. The guard
+        reads the request too, so after a harmful request it would end any reply; the redirect is one sentence
+        after a fixed safe opening, which the stricter mask keeps safe token by token."""
+        return replace(
+            self,
+            request_id=request_id,
+            prefs=prefs,
+            safety_threshold=self.safety_threshold + mask_margin,
+            response_threshold=None,
+        )
 
     def prefs_dict(self) -> dict[str, float] | None:
         if self.prefs is None:
@@ -61,6 +80,7 @@ class GuidancePolicy:
             default_response_guard(settings) if settings.guidance else (None, 1)
         )
         self.beta = settings.beta
+        self.coherence_guard = settings.guidance and settings.coherence_guard
         self.default_prefs = ProsocialPrefs(**settings.default_prefs) if settings.default_prefs else None
 
     def resolve(
@@ -126,4 +146,5 @@ class GuidancePolicy:
             response_threshold,
             self.guard_tokens,
             self.beta,
+            self.coherence_guard,
         )

@@ -46,6 +46,18 @@ ARM_BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 ARM_SLOTS = Gauge("prosocial_arm_cache_slots", "ARM KV-cache slots held by running requests.")
+BACKTRACKS = Counter(
+    "prosocial_backtracks",
+    "Guided drafts discarded and regenerated, by what ended them (safety filter or coherence guard).",
+    ["reason"],
+)
+REDIRECTS = Counter("prosocial_redirects", "Backtracked choices answered by the redirect regime.")
+FALLBACKS = Counter(
+    "prosocial_fallbacks", "Backtracked choices answered with the operator's fallback message."
+)
+BACKTRACK_EXTRA_TOKENS = Counter(
+    "prosocial_backtrack_extra_tokens", "Tokens the engine generated for backtracking attempts."
+)
 
 
 class HTTPMetricsMiddleware:

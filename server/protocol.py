@@ -219,6 +219,21 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class BacktrackOut(BaseModel):
+    """What backtracking did to a choice whose first draft guidance ended (docs/method.md, backtracking)."""
+
+    reason: Literal["safety", "degeneration"] = Field(
+        description="What ended the first draft: the safety filter or the coherence guard (a loop, a symbol run)."
+    )
+    attempts: int = Field(description="Regeneration attempts made.")
+    redirected: bool = Field(description="The answer was written under the redirect regime.")
+    fallback: bool = Field(
+        description="Every attempt was ended too: the answer is the operator's fallback text."
+    )
+    discarded_tokens: int = Field(description="Draft tokens discarded (never shown).")
+    extra_tokens: int = Field(description="Tokens the engine generated for the attempts.")
+
+
 class ProsocialInfo(BaseModel):
     """Transparency data: what guidance did to this choice."""
 
@@ -244,6 +259,10 @@ class ProsocialInfo(BaseModel):
             "Per-attribute mean ARM reward of the emitted tokens, log pi_attribute - log pi_neutral within the "
             "candidate set (all but the last token); the safety entry is the response guard's mean margin."
         ),
+    )
+    degenerate: bool = Field(False, description="The coherence guard ended the first draft.")
+    backtrack: BacktrackOut | None = Field(
+        None, description="Set when the first draft was discarded and the choice regenerated."
     )
 
 

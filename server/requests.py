@@ -10,15 +10,18 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.backtrack import RedirectRegime, attempt_id, shows_self_harm
 from server.errors import APIError, bad_request
-from server.generation import ChoiceJob
+from server.generation import BacktrackJob, ChoiceJob
 from server.guidance import GuidancePolicy, GuidanceSpec
 from server.protocol import (
+    BacktrackOut,
     ChatCompletionRequest,
     ChoiceLogprobs,
     CompletionLogprobs,
     CompletionRequest,
     ProsocialInfo,
+    ProsocialPrefs,
     TokenLogprob,
     TopLogprob,
     _SamplingFields,
@@ -50,9 +53,20 @@ class Plan:
         stats = getattr(choice, "stats", None)
         if stats is not None:
             info.masked_tokens = stats.masked
-            info.content_filtered = stats.filtered
+            info.content_filtered = getattr(choice, "content_filtered", stats.filtered)
             info.withheld = getattr(choice, "withheld", False)
             info.mean_rewards = stats.rewards
+            info.degenerate = getattr(stats, "degenerate", False)
+        backtrack = getattr(choice, "backtrack", None)
+        if backtrack is not None:
+            info.backtrack = BacktrackOut(
+                reason=backtrack.reason,
+                attempts=backtrack.attempts,
+                redirected=backtrack.redirected,
+                fallback=backtrack.fallback,
+                discarded_tokens=backtrack.discarded_tokens,
+                extra_tokens=backtrack.extra_tokens,
+            )
         return info
 
 
@@ -64,15 +78,40 @@ class RequestBuilder:
         self.model_path = model_path
         self.policy = GuidancePolicy(settings)
         self.telemetry: Any = None  # set by the CLI when guidance runs (server.telemetry.GuidanceTelemetry)
+        redirect_prefs = ProsocialPrefs(**settings.redirect_prefs) if settings.redirect_prefs else None
+        self.regime = RedirectRegime(
+            attempts=settings.backtrack_attempts,
+            lag=max(settings.stream_lag_tokens, self.policy.guard_tokens),
+            prefs=tuple(redirect_prefs.normalised()) if redirect_prefs is not None else None,
+            preamble=settings.redirect_preamble,
+            opening=settings.redirect_opening,
+            max_tokens=settings.redirect_max_tokens,
+            fallback=settings.fallback_message,
+            crisis=settings.crisis_message,
+        )
+        self._eos = getattr(tokenizer, "eos_token_id", None)
 
     # --- prompts -------------------------------------------------------------------------------------------
     def chat_prompt_ids(self, body: ChatCompletionRequest) -> list[int]:
         if len(body.messages) > self.settings.max_messages:
             raise bad_request(f"at most {self.settings.max_messages} messages are accepted", "messages")
-        messages = [
+        return self._render(self._messages(body))
+
+    @staticmethod
+    def _messages(body: ChatCompletionRequest) -> list[dict]:
+        return [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in body.messages
         ]
+
+    def _redirect_messages(self, messages: list[dict]) -> list[dict]:
+        """The conversation under the redirect preamble (joined to the client's own system text, if any)."""
+        if messages and messages[0]["role"] == "system":
+            first = {"role": "system", "content": f"{self.regime.preamble}\n\n{messages[0]['content']}"}
+            return [first] + messages[1:]
+        return [{"role": "system", "content": self.regime.preamble}] + messages
+
+    def _render(self, messages: list[dict]) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # a template may reject a role order
@@ -80,6 +119,12 @@ class RequestBuilder:
                 f"messages could not be rendered by the chat template: {exc}", "messages"
             ) from exc
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def text_prompt_ids(self, prompt: str) -> list[int]:
         ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -127,10 +172,14 @@ class RequestBuilder:
         logprobs: int | None,
         choice: int,
         spec: GuidanceSpec | None,
+        whole: bool = False,
+        repetition_penalty: float = 1.0,
+        stop: list[str] | None = None,
     ) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        streamed = body.stream and not whole
         try:
             return SamplingParams(
                 n=1,
@@ -140,15 +189,60 @@ class RequestBuilder:
                 seed=None if body.seed is None else (body.seed + choice) % (2**63),
                 presence_penalty=body.presence_penalty or 0.0,
                 frequency_penalty=body.frequency_penalty or 0.0,
-                stop=list(body.stop or []),
+                stop=list(body.stop or []) + (stop or []),
+                include_stop_str_in_output=bool(stop),
                 max_tokens=max_tokens,
                 ignore_eos=body.ignore_eos,
                 logprobs=logprobs,
-                output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY,
+                repetition_penalty=repetition_penalty,
+                output_kind=RequestOutputKind.DELTA if streamed else RequestOutputKind.FINAL_ONLY,
                 extra_args=spec.to_extra_args() if spec is not None else None,
             )
         except ValueError as exc:
             raise bad_request(str(exc).splitlines()[0][:500]) from exc
+
+    def _backtrack(
+        self,
+        body: _SamplingFields,
+        spec: GuidanceSpec,
+        index: int,
+        max_tokens: int,
+        redirect_prompt_ids: list[int],
+        request_text: str,
+    ) -> BacktrackJob:
+        """How this choice is regenerated if guidance ends its draft (``server.backtrack``)."""
+        regime = self.regime
+
+        def retry(limit: int, number: int) -> Any:
+            # After a loop: the safety mask and guard only (the preference term can push the base into loops).
+            prefs = None if spec.safety_mask else spec.prefs
+            attempt = spec.with_request(attempt_id(spec.request_id, number), prefs)
+            seed_index = index + 1000 * number
+            penalty = regime.repetition_penalty + 0.2 * (number - 1)
+            return self._params(body, limit, None, seed_index, attempt, True, penalty)
+
+        def redirect(limit: int, number: int) -> Any:
+            rid = attempt_id(spec.request_id, number)
+            attempt = spec.for_redirect(rid, regime.prefs or spec.prefs, regime.mask_margin)
+            seed_index = index + 1000 * number
+            # One sentence after the opening: short redirects stay on topic and rarely drift.
+            sentence_end = [".", "!", "?"]
+            return self._params(
+                body, limit, None, seed_index, attempt, True, regime.repetition_penalty, sentence_end
+            )
+
+        return BacktrackJob(
+            regime=regime,
+            redirect_prompt_ids=redirect_prompt_ids,
+            opening_ids=self._ids(regime.opening),
+            bridge_ids=self._ids(regime.bridge),
+            retry_params=retry,
+            redirect_params=redirect,
+            decode=self._decode,
+            crisis=shows_self_harm(request_text),
+            max_tokens=max_tokens,
+            eos_token_id=self._eos,
+        )
 
     def _jobs(
         self,
@@ -156,6 +250,8 @@ class RequestBuilder:
         prompts: list[list[int]],
         max_tokens: list[int],
         logprobs: int | None,
+        redirect_prompts: list[list[int]] | None = None,
+        request_texts: list[str] | None = None,
     ) -> tuple[list[ChoiceJob], dict[str, GuidanceSpec | None]]:
         prefs, threshold, response_threshold = self.policy.resolve(
             body.prosocial_prefs,
@@ -173,7 +269,12 @@ class RequestBuilder:
                 params = self._params(body, max_tokens[p], logprobs, index, spec)
                 guided = spec is not None and spec.needs_arm
                 hold = spec.hold_tokens if guided else 0
-                jobs.append(ChoiceJob(index, request_id, prompt_ids, params, guided, hold))
+                backtrack = None
+                if guided and self.settings.backtrack and not body.ignore_eos:
+                    redirect_ids = redirect_prompts[p] if redirect_prompts else prompt_ids
+                    text = request_texts[p] if request_texts else ""
+                    backtrack = self._backtrack(body, spec, index, max_tokens[p], redirect_ids, text)
+                jobs.append(ChoiceJob(index, request_id, prompt_ids, params, guided, hold, backtrack))
                 specs[request_id] = spec
         return jobs, specs
 
@@ -184,7 +285,14 @@ class RequestBuilder:
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = self._max_tokens(body.requested_max_tokens(), len(prompt_ids), param)
         top = body.top_logprobs or 0
-        jobs, specs = self._jobs(body, [prompt_ids], [max_tokens], top if body.logprobs else None)
+        messages = self._messages(body)
+        redirect_ids = (
+            self._render(self._redirect_messages(messages)) if self.settings.backtrack else prompt_ids
+        )
+        user_text = " ".join(m["content"] for m in messages if m["role"] == "user")
+        jobs, specs = self._jobs(
+            body, [prompt_ids], [max_tokens], top if body.logprobs else None, [redirect_ids], [user_text]
+        )
         return Plan(jobs, len(prompt_ids), body.logprobs, top, specs)
 
     def completion(self, body: CompletionRequest) -> Plan:
@@ -193,7 +301,7 @@ class RequestBuilder:
         if len(prompts) * body.n > self.settings.max_n * 4:
             raise bad_request("too many prompts x n in one request", "prompt")
         max_tokens = [self._max_tokens(body.max_tokens, len(ids), "max_tokens") for ids in prompts]
-        jobs, specs = self._jobs(body, prompts, max_tokens, body.logprobs)
+        jobs, specs = self._jobs(body, prompts, max_tokens, body.logprobs, None, list(body.prompts()))
         top = body.logprobs or 0
         return Plan(jobs, sum(len(p) for p in prompts), body.logprobs is not None, top, specs)
 

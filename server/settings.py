@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rewardmodel.attributes import PROSOCIAL_ATTRIBUTES
+from server.backtrack import DEFAULT_CRISIS, DEFAULT_FALLBACK, DEFAULT_OPENING, DEFAULT_PREAMBLE
 
 
 class ServerSettings(BaseSettings):
@@ -82,6 +83,40 @@ class ServerSettings(BaseSettings):
         description="Preferences applied to requests without prosocial_prefs (default: the five attributes "
         "weighted equally; {} or None: no preference term, the safety mask only).",
     )
+    coherence_guard: bool = Field(
+        True,
+        description="End a guided draft that loops or runs into symbols (emoji, punctuation) so it is redone.",
+    )
+    backtrack: bool = Field(
+        True,
+        description="Regenerate a guided choice whose draft the safety filter or coherence guard ended, instead "
+        "of returning it empty (content_filter); see docs/method.md.",
+    )
+    backtrack_attempts: int = Field(
+        2, ge=1, le=8, description="Regeneration attempts before the fallback text."
+    )
+    redirect_prefs: dict[str, float] | None = Field(
+        default_factory=lambda: {"empathy": 1.0, "sensitivity": 1.0},
+        description="Preferences of the redirect regime ({} or None: the request's own).",
+    )
+    redirect_preamble: str = Field(DEFAULT_PREAMBLE, description="System text of the redirect regime.")
+    redirect_opening: str = Field(DEFAULT_OPENING, description="First words of a redirected reply.")
+    redirect_max_tokens: int = Field(64, ge=8, le=512, description="Token limit of one redirect attempt.")
+    stream_lag_tokens: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="A guided stream releases a token once this many later tokens were judged, so a draft "
+        "ended later can still be backtracked there (never less than guard_tokens).",
+    )
+    fallback_message: str = Field(
+        DEFAULT_FALLBACK, min_length=1, description="Answer when every attempt was ended too."
+    )
+    crisis_message: str = Field(
+        DEFAULT_CRISIS,
+        min_length=1,
+        description="Fallback for requests with a self-harm signal: kind, and points to help.",
+    )
     arm_artifact: Path | None = Field(None, description="ARM artifact folder; default: the shipped arm-v2.")
     candidate_top_k: int = Field(
         256, ge=2, le=4096, description="Guided rows choose among the base's top-k + EOS."
@@ -94,14 +129,16 @@ class ServerSettings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0)
     log_requests: bool = Field(False, description="Log prompts and completions (off: privacy by default).")
 
-    @field_validator("default_prefs")
+    @field_validator("default_prefs", "redirect_prefs")
     @classmethod
-    def _known_attributes(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+    def _known_attributes(
+        cls, value: dict[str, float] | None, info: ValidationInfo
+    ) -> dict[str, float] | None:
         if not value:
             return None
         unknown = sorted(set(value) - set(PROSOCIAL_ATTRIBUTES))
         if unknown:
-            raise ValueError(f"unknown attributes in default_prefs: {unknown}")
+            raise ValueError(f"unknown attributes in {info.field_name}: {unknown}")
         if not any(v > 0 for v in value.values()):
-            raise ValueError("default_prefs must have a positive weight")
+            raise ValueError(f"{info.field_name} must have a positive weight")
         return value

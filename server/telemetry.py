@@ -58,6 +58,7 @@ class RowStats:
     masked: int = 0
     filtered: bool = False
     withheld: bool = False  # filtered before the guard released the first tokens: the text is omitted
+    degenerate: bool = False  # the coherence guard ended it (a loop or a symbol run)
     failed: bool = False
     failure: str | None = None
     rewards: dict[str, float] | None = None
@@ -130,7 +131,7 @@ class GuidanceTelemetry:
                         metrics.CONTENT_FILTERED.inc()
                     stats.steps, stats.masked = row["steps"], row["masked"]
                     stats.filtered, stats.failed = row["filtered"], stats.failed or row["failed"]
-                    stats.withheld = row["withheld"]
+                    stats.withheld, stats.degenerate = row["withheld"], row.get("degenerate", False)
                     stats.rewards, stats.updated = row["rewards"], time.monotonic()
                 self._wake([row["rid"] for row in message["rows"]])
         elif kind == "failure":

@@ -45,9 +45,13 @@ def test_run_judge_and_resume_against_the_live_server(live_server, tmp_path: Pat
     assert json.loads((tmp_path / "run/run.json").read_text())["model"] == live_server.model
     judged = [json.loads(line) for line in (tmp_path / "run/judged/advbench.jsonl").read_text().splitlines()]
     assert all(set(JUDGES) <= set(record["judgements"]) for record in judged)
-    for record in judged:  # text, unless the safety filter withheld it
-        assert record["completion_tokens"] <= 16
-        assert bool(record["response"]) != (record["finish_reason"] == "content_filter"), record
+    for record in judged:  # never empty: a draft guidance ended is backtracked (redirect or fallback text)
+        backtrack = record["prosocial"]["backtrack"]
+        extra = (
+            backtrack["extra_tokens"] + 1 if backtrack else 0
+        )  # the attempts, and the discarded draft's EOS
+        assert record["completion_tokens"] <= 16 + extra
+        assert record["response"].strip(), record
         assert record["prosocial"]["content_filtered"] == (record["finish_reason"] == "content_filter")
 
     # Interrupted mid-write: the second advbench line is cut; a rerun sends exactly one request.

@@ -172,6 +172,9 @@ def server(arm_artifact, tmp_path_factory):
             "--max-model-len", "256",
             "--kv-cache-gib", "0.03",
             "--max-num-seqs", "16",
+            # The reference decoder has the mask, the guard and the preferences; not the coherence guard or
+            # backtracking (tests/test_backtrack.py), so this server returns what the reference does.
+            "--no-coherence-guard", "--no-backtrack",
         ],
     )  # fmt: skip
     yield server

@@ -7,7 +7,8 @@ import torch
 
 from rewardmodel.artifact import arm_weights_for_serving
 from rewardmodel.runtime import ArmRuntime, ArmShape
-from server.guided.scorer import LexicographicScorer
+from server.backtrack import loop_start
+from server.guided.scorer import SYMBOL_RUN, LexicographicScorer
 from tests.test_guided_decoding import dev_arm
 
 VOCAB = 49152
@@ -22,7 +23,9 @@ def runtime_factory():
     return lambda: ArmRuntime(weights, shape, slots=4, max_len=64, dtype=torch.float32)
 
 
-def spec(rid: str, prefs=None, mask=True, threshold=-1.0, response=None, guard_tokens=8) -> dict:
+def spec(
+    rid: str, prefs=None, mask=True, threshold=-1.0, response=None, guard_tokens=8, coherence=False
+) -> dict:
     return {
         "request_id": rid,
         "prefs": prefs,
@@ -30,6 +33,7 @@ def spec(rid: str, prefs=None, mask=True, threshold=-1.0, response=None, guard_t
         "safety_threshold": threshold,
         "response_threshold": response,
         "guard_tokens": guard_tokens,
+        "coherence_guard": coherence,
         "beta": 1.0,
     }
 
@@ -245,3 +249,52 @@ def test_a_request_overwritten_by_a_move_is_parked(runtime_factory):
     scorer.add(1, _guarded_spec(), [1, 5, 6], output)
     assert int(scorer.reward_count[1]) == count == 2
     assert scorer.reward_sums[1, scorer.safety_index].item() == pytest.approx(sums)
+
+
+def _decode_steps(scorer, slot: int, tokens: list[int]) -> list[bool]:
+    """Emit ``tokens`` one per step on ``slot`` (as the engine appends them); the row's degenerate flag after
+    each step."""
+    flags = []
+    for token in tokens:
+        scorer.apply(logits(slot + 1, seed=len(flags)))
+        scorer.requests[slot].output.append(token)
+        flags.append(bool(scorer.degenerate[slot]))
+    return flags
+
+
+def test_coherence_guard_ends_a_looping_row_and_leaves_varied_text(runtime_factory):
+    messages = []
+    scorer = LexicographicScorer(runtime_factory, 4, 16, EOS, messages.append)
+    loop = [101, 102, 103, 104] * 4
+    scorer.add(0, spec("loop", mask=False, prefs=[1, 0, 0, 0, 0], coherence=True), [1, 5, 6], [])
+    scorer.add(1, spec("varied", mask=False, prefs=[1, 0, 0, 0, 0], coherence=True), [1, 5, 6], [])
+    scorer.add(2, spec("off", mask=False, prefs=[1, 0, 0, 0, 0], coherence=False), [1, 5, 6], [])
+    flags = {0: [], 1: [], 2: []}
+    varied = list(range(200, 216))
+    for step in range(len(loop)):
+        scorer.apply(logits(3, seed=step))
+        for slot, token in ((0, loop[step]), (1, varied[step]), (2, loop[step])):
+            scorer.requests[slot].output.append(token)
+            flags[slot].append(bool(scorer.degenerate[slot]))
+    # The third occurrence of the 4-gram is emitted at step 12; the guard sees it at the next step.
+    assert flags[0].index(True) == 12 and not any(flags[1]) and not any(flags[2])
+    out = scorer.apply(logits(3, seed=99))
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [EOS]  # ended: EOS only
+    assert torch.isfinite(out[1]).sum() > 1
+    assert messages[-1]["rows"][0]["degenerate"] is True and messages[-1]["rows"][0]["filtered"] is False
+    # The API's cut point: the tokens before the loop's first repeat.
+    assert loop_start(loop[:12]) == 4
+
+
+def test_coherence_guard_catches_symbol_runs(runtime_factory):
+    symbols = torch.zeros(VOCAB, dtype=torch.bool)
+    symbols[300:340] = True  # stand-ins for emoji bytes and punctuation
+    scorer = LexicographicScorer(runtime_factory, 4, 16, EOS, symbol_tokens=symbols)
+    scorer.add(0, spec("emoji", mask=False, prefs=[1, 0, 0, 0, 0], coherence=True), [1, 5, 6], [7])
+    flags = _decode_steps(scorer, 0, list(range(300, 300 + SYMBOL_RUN + 1)))
+    assert flags.index(True) == SYMBOL_RUN
+    # A resumed request reloads its recent tokens and symbol run from its output list.
+    scorer.add(
+        1, spec("resumed", mask=False, prefs=[1, 0, 0, 0, 0], coherence=True), [1, 5], list(range(300, 311))
+    )
+    assert int(scorer.symbol_run[1]) == 11

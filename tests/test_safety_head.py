@@ -166,12 +166,12 @@ def test_cli_refuses_to_overwrite_its_source_and_names_missing_data(tmp_path: Pa
 
 
 def test_on_policy_prompts_leave_out_every_evaluation_prompt_and_do_not_cross_splits() -> None:
-    from evals.benchmarks import BUILTIN_BENCHMARKS, load_builtin, resolve_data_dir
+    from evals.benchmarks import DEFAULT_BENCHMARKS, load_builtin, resolve_data_dir
     from rewardmodel.safety_head import on_policy_prompts
 
     data_dir = resolve_data_dir()
     evaluated = {
-        item.prompt.lower() for name in BUILTIN_BENCHMARKS for item in load_builtin(name, data_dir).items
+        item.prompt.lower() for name in DEFAULT_BENCHMARKS for item in load_builtin(name, data_dir).items
     }
     splits = {split: on_policy_prompts(data_dir, split) for split in ("train", "validation", "test")}
     for rows in splits.values():

@@ -12,7 +12,12 @@ statistic the evaluation's ARM scorer reports). Per guided row and step:
    safe). EOS is never masked, so a row always keeps a candidate, and a row left with only EOS is
    *content-filtered*; filtered before the guard passed its first ``guard_tokens`` tokens, its text is *withheld*
    (the API holds them back until then);
-3. within the safe set: ``base_logit(v) + (1/beta) * sum_i w_i * r_i(v)`` over the five prosocial attributes.
+3. within the safe set: ``base_logit(v) + (1/beta) * sum_i w_i * r_i(v)`` over the five prosocial attributes
+   (under the coherence guard, never above 0 for a symbol token: the term cannot push a row into emoji runs);
+4. coherence guard: a row whose emitted tokens loop (its last 4 tokens occurred twice before in its last
+   ``RECENT_TOKENS``, or its last 8 tokens once before) or run into symbols (``SYMBOL_RUN`` tokens in a row with no
+   letter or digit: emoji, punctuation, whitespace) is ended like a filtered one and flagged *degenerate*, so the
+   API can backtrack it. One comparison of the row's recent tokens with themselves per step, for all rows at once.
 
 State lives in tensors indexed by batch slot (vLLM style); an adapter maps an engine's batch bookkeeping onto
 ``add`` / ``remove`` / ``move`` / ``swap`` and calls ``apply`` once per step.
@@ -35,6 +40,15 @@ logger = logging.getLogger(__name__)
 
 NEG_INF = float("-inf")
 PARKED_LIMIT = 1024  # stats kept for requests that left the batch, in case they were preempted and come back
+RECENT_TOKENS = 96  # the coherence guard looks for repeats among a row's last emitted tokens
+LOOP_NGRAMS = ((4, 3), (8, 2))  # (n, occurrences): the last n tokens occurring this often is a loop
+SYMBOL_RUN = 12  # this many tokens in a row without a letter or digit is degenerate
+
+
+def symbol_token_mask(decoded: list[str]) -> Tensor:
+    """[vocab] bool from each token's decoded text: True where it has no letter or digit (emoji bytes,
+    punctuation, whitespace), for the coherence guard's symbol-run rule."""
+    return torch.tensor([not any(ch.isalnum() for ch in text) for text in decoded], dtype=torch.bool)
 
 
 @dataclass
@@ -55,12 +69,15 @@ class LexicographicScorer:
         eos_token_id: int,
         publish: Callable[[dict], None] = lambda message: None,
         fault_after_steps: int | None = None,
+        symbol_tokens: Tensor | None = None,
     ) -> None:
         self.slots = slots
         self.k = candidate_top_k
         self.eos = eos_token_id
         self.publish = publish
         self.fault_after_steps = fault_after_steps
+        # [vocab] bool: tokens with no letter or digit (None: the symbol-run rule is off)
+        self.symbol_tokens = symbol_tokens
         self.total_steps = 0
         self.error: str | None = None
         try:
@@ -96,6 +113,12 @@ class LexicographicScorer:
         self.response_threshold = torch.zeros(slots)
         self.guard_tokens = torch.zeros(slots, dtype=torch.long)  # 0: no response guard for this row
         self.withheld = torch.zeros(slots, dtype=torch.bool)
+        self.coherence_on = torch.zeros(slots, dtype=torch.bool)
+        self.degenerate = torch.zeros(slots, dtype=torch.bool)
+        self.recent = torch.full(
+            (slots, RECENT_TOKENS), -1, dtype=torch.long
+        )  # last emitted tokens, oldest first
+        self.symbol_run = torch.zeros(slots, dtype=torch.long)
         self.prev_cand = torch.full((slots, self.k), -1, dtype=torch.long)
         # Last step's candidate rewards, to credit the one each row emitted.
         self.prev_rewards = torch.zeros(slots, A, self.k)
@@ -114,6 +137,10 @@ class LexicographicScorer:
             self.response_threshold,
             self.guard_tokens,
             self.withheld,
+            self.coherence_on,
+            self.degenerate,
+            self.recent,
+            self.symbol_run,
             self.prev_cand,
             self.prev_rewards,
         ]
@@ -125,6 +152,7 @@ class LexicographicScorer:
             self.reward_sums,
             self.reward_count,
             self.withheld,
+            self.degenerate,
             self.steps,
             self.prev_cand,
             self.prev_rewards,
@@ -147,6 +175,7 @@ class LexicographicScorer:
         guard = spec.get("response_threshold")
         self.response_threshold[slot] = float(guard) if guard is not None else 0.0
         self.guard_tokens[slot] = int(spec.get("guard_tokens", 1)) if guard is not None else 0
+        self.coherence_on[slot] = bool(spec.get("coherence_guard", False))
         for t in self._counters:
             t[slot] = 0
         # A request resumed after preemption: the tokens it already emitted were guided (and confirmed) before.
@@ -159,6 +188,7 @@ class LexicographicScorer:
                 self._credit_emitted([slot], [output[-1]])
         self.steps[slot] = len(output)
         self.prev_cand[slot] = -1
+        self._remember(slot, output)
         if self.runtime is not None:
             self.runtime.cache.free(slot)
 
@@ -216,7 +246,7 @@ class LexicographicScorer:
         return logits
 
     def _guide(self, logits: Tensor, rows: list[int]) -> None:
-        ended = (self.failed | self.filtered)[torch.tensor(rows)].tolist()  # one read, not one per row
+        ended = (self.failed | self.filtered | self.degenerate)[torch.tensor(rows)].tolist()  # one read
         if any(ended):
             # Failed or filtered rows only get EOS until they finish. That is one step when EOS stops them; with
             # ``ignore_eos`` they run on, and each of those steps counts as guided (the API confirms every token
@@ -245,6 +275,11 @@ class LexicographicScorer:
 
         score = block.gather(1, cand)
         reward = torch.einsum("rp,rpk->rk", self.prefs[slot_t], rewards[:, self.pref_index, :])
+        if self.symbol_tokens is not None:
+            # Under the coherence guard the preference term may not push toward emoji, punctuation or
+            # whitespace: it is what turned replies to distressed people into emoji runs.
+            bounded = self.symbol_tokens[cand] & self.coherence_on[slot_t, None]
+            reward = torch.where(bounded, reward.clamp(max=0.0), reward)
         score = score + torch.where(self.has_prefs[slot_t, None], self.inv_beta[slot_t, None] * reward, 0.0)
         margin = rewards[:, self.safety_index, :]
         is_eos = cand == self.eos
@@ -255,9 +290,11 @@ class LexicographicScorer:
         unsafe = (margin < self.threshold[slot_t, None]) | tripped[:, None]
         masked = unsafe & ~is_eos & self.mask_on[slot_t, None]
         filtered = (masked | is_eos).all(1) & self.mask_on[slot_t]
+        degenerate = self._degenerate(slot_t) & ~filtered
+        masked |= degenerate[:, None] & ~is_eos
         score.masked_fill_(masked, NEG_INF)  # score is this step's own tensor: edited in place
         # A filtered row keeps EOS even where an earlier processor (vLLM's min_tokens) set it to -inf.
-        score.masked_fill_(is_eos & filtered[:, None] & score.isneginf(), 0.0)
+        score.masked_fill_(is_eos & (filtered | degenerate)[:, None] & score.isneginf(), 0.0)
 
         block.fill_(NEG_INF)
         block.scatter_(1, cand, score)
@@ -268,6 +305,7 @@ class LexicographicScorer:
         self.masked[slot_t] += masked.sum(1)
         self.withheld[slot_t] |= filtered & ~self.filtered[slot_t] & (emitted <= guard)
         self.filtered[slot_t] |= filtered
+        self.degenerate[slot_t] |= degenerate
         self.prev_cand[slot_t] = cand
         self.prev_rewards[slot_t] = rewards
 
@@ -285,6 +323,7 @@ class LexicographicScorer:
                 hidden[slot] = self.runtime.extend(slot, (request.prompt + request.output)[fed:])
         if decode_slots:
             self._credit_emitted(decode_slots, decode_tokens)
+            self._push_recent(torch.tensor(decode_slots), torch.tensor(decode_tokens))
             for slot, h in zip(decode_slots, self.runtime.decode(decode_slots, decode_tokens), strict=True):
                 hidden[slot] = h
         return torch.stack([hidden[s] for s in rows])
@@ -296,6 +335,37 @@ class LexicographicScorer:
         found = match.any(1)
         self.reward_sums[slot_t] += (self.prev_rewards[slot_t] * match[:, None, :]).sum(-1)  # [R, A]
         self.reward_count[slot_t] += found.long()
+
+    def _remember(self, slot: int, output: list[int]) -> None:
+        """Load a (re)joining row's recent tokens and symbol run from its output so far."""
+        tail = output[-RECENT_TOKENS:]
+        self.recent[slot] = -1
+        if tail:
+            self.recent[slot, RECENT_TOKENS - len(tail) :] = torch.tensor(tail)
+        run = 0
+        if self.symbol_tokens is not None:
+            for token in reversed(tail):
+                if not self.symbol_tokens[token]:
+                    break
+                run += 1
+        self.symbol_run[slot] = run
+
+    def _push_recent(self, slot_t: Tensor, token_t: Tensor) -> None:
+        self.recent[slot_t] = torch.cat([self.recent[slot_t, 1:], token_t[:, None]], dim=1)
+        if self.symbol_tokens is not None:
+            is_symbol = self.symbol_tokens[token_t]
+            self.symbol_run[slot_t] = torch.where(is_symbol, self.symbol_run[slot_t] + 1, 0)
+
+    def _degenerate(self, slot_t: Tensor) -> Tensor:
+        """[R] bool: the coherence guard's verdict on each row's emitted tokens (vectorised over rows)."""
+        recent = self.recent[slot_t]  # [R, W]
+        looping = torch.zeros(len(slot_t), dtype=torch.bool)
+        for n, times in LOOP_NGRAMS:
+            windows = recent.unfold(1, n, 1)  # [R, W - n + 1, n]
+            last = windows[:, -1:, :]
+            seen = ((windows == last).all(-1) & (last >= 0).all(-1)).sum(1)
+            looping |= seen >= times
+        return (looping | (self.symbol_run[slot_t] >= SYMBOL_RUN)) & self.coherence_on[slot_t]
 
     def _only_eos(self, logits: Tensor, slot_t: Tensor) -> None:
         eos_values = logits[slot_t, self.eos].clone()
@@ -314,7 +384,9 @@ class LexicographicScorer:
         means = (self.reward_sums[slot_t] / self.reward_count[slot_t, None].clamp(min=1)).tolist()
         # One read per tensor for the whole batch, not one per row.
         counts, steps, masked = (t[slot_t].tolist() for t in (self.reward_count, self.steps, self.masked))
-        filtered, withheld, failed = (t[slot_t].tolist() for t in (self.filtered, self.withheld, self.failed))
+        filtered, withheld, failed, degenerate = (
+            t[slot_t].tolist() for t in (self.filtered, self.withheld, self.failed, self.degenerate)
+        )
         self.publish(
             {
                 "t": "step",
@@ -328,6 +400,7 @@ class LexicographicScorer:
                         "masked": masked[i],
                         "filtered": filtered[i],
                         "withheld": withheld[i],
+                        "degenerate": degenerate[i],
                         "failed": failed[i],
                         "rewards": dict(zip(self.attributes, means[i], strict=True)) if counts[i] else None,
                     }

@@ -13,7 +13,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from server.guided.config import ProcessorConfig
-from server.guided.scorer import LexicographicScorer
+from server.guided.scorer import LexicographicScorer, symbol_token_mask
 
 SPEC_KEY = "prosocial"
 _SPEC_FIELDS = {
@@ -23,6 +23,7 @@ _SPEC_FIELDS = {
     "safety_threshold",
     "response_threshold",
     "guard_tokens",
+    "coherence_guard",
     "beta",
 }
 
@@ -177,6 +178,16 @@ def engine_kernels() -> tuple:
     return torch_linear, TorchAttention(), TorchTrunkOps
 
 
+def _symbol_tokens(base_dir: str, vocab_size: int) -> torch.Tensor:
+    """The coherence guard's symbol tokens of the served vocabulary (ids past the tokenizer's: not symbols)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    decoded = [tokenizer.decode([i]) for i in range(min(vocab_size, len(tokenizer)))]
+    decoded += ["x"] * (vocab_size - len(decoded))
+    return symbol_token_mask(decoded)
+
+
 class ProsocialLogitsProcessor(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params) -> None:
@@ -219,6 +230,7 @@ class ProsocialLogitsProcessor(LogitsProcessor):
             eos_token_id=config.eos_token_id,
             publish=publisher.send,
             fault_after_steps=config.fault_after_steps,
+            symbol_tokens=_symbol_tokens(config.base_dir, vllm_config.model_config.get_vocab_size()),
         )
 
     def is_argmax_invariant(self) -> bool:

@@ -252,7 +252,16 @@ const TRANSPARENCY_FIELDS = [
   ["masked_tokens", "Tokens masked", (v) => String(v)],
   ["content_filtered", "Content filtered", (v) => (v ? "yes" : "no")],
   ["withheld", "Text withheld", (v) => (v ? "yes" : "no")],
+  ["degenerate", "Draft looped", (v) => (v ? "yes" : "no")],
+  ["backtrack", "Backtracked", (v) => describeBacktrack(v)],
 ];
+
+/** One line for the backtrack object: why the draft was redone and what the person got instead. */
+function describeBacktrack(backtrack) {
+  const why = backtrack.reason === "safety" ? "unsafe draft" : "looping draft";
+  const what = backtrack.fallback ? "fallback message" : backtrack.redirected ? "safe redirect" : "regenerated";
+  return `${why}: ${what} after ${backtrack.attempts} attempt(s), ${backtrack.discarded_tokens} draft tokens discarded`;
+}
 
 function renderTransparency(container, prosocial) {
   container.replaceChildren(el("h4", "", "Transparency"));
