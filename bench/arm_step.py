@@ -32,7 +32,7 @@ def _median_ms(samples: list[float]) -> float:
 def measure(contexts: tuple[int, ...], batch: int, steps: int) -> dict:
     from rewardmodel.runtime import ArmRuntime, TorchTrunkOps, _Step
     from server.guided.config import DEFAULT_ARM_ARTIFACT
-    from server.guided.v1 import engine_kernels
+    from server.guided.kernels import engine_kernels
     from server.model_prep import prepare_default_model
 
     linear, attention, engine_ops = engine_kernels()

@@ -153,7 +153,7 @@ def arm_ms_per_token(
     """
     from rewardmodel.runtime import ArmRuntime
     from server.guided.config import DEFAULT_ARM_ARTIFACT
-    from server.guided.v1 import engine_kernels
+    from server.guided.kernels import engine_kernels
     from server.model_prep import prepare_default_model
 
     runtime = ArmRuntime.from_artifact(  # as the server builds it: with the engine's kernels

@@ -8,7 +8,7 @@ token per row plus ``(attributes + 1) x k`` dot products.
 
 The matrix product, the attention and the small fused operations (RMSNorm with the residual add, rotary
 embedding, SwiGLU) are injectable (``linear=``, ``attention=``, ``ops=``): the defaults are plain PyTorch and run on
-any device; the vLLM adapter passes the engine's own CPU kernels (``server/guided/v1.py``).
+any device; the vLLM adapters pass the engine's own CPU kernels (``server/guided/kernels.py``).
 
 Weights come from ``rewardmodel.artifact.arm_weights_for_serving`` (LoRA already merged into the trunk).
 """

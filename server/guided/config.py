@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
+
 ADDITIONAL_CONFIG_KEY = "prosocial"
+# One adapter per vLLM model-runner interface: each runner refuses the other's processor classes at start-up.
+V1_PROCESSOR = "server.guided.v1:ProsocialLogitsProcessor"
+V2_PROCESSOR = "server.guided.v2:ProsocialLogitsProcessor"
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ def processor_setup(settings, model, telemetry_address: str) -> tuple[list[str],
 
     The ARM reads the engine's token ids, so the served model must share the ARM base's tokenizer.
     """
+    processor = processor_for_engine(settings, model)
     from server.model_prep import prepare_default_model
 
     artifact = Path(settings.arm_artifact or DEFAULT_ARM_ARTIFACT).expanduser().resolve()
@@ -89,7 +97,29 @@ def processor_setup(settings, model, telemetry_address: str) -> tuple[list[str],
         telemetry_address=telemetry_address,
         fault_after_steps=settings.arm_fault_after_steps,
     )
-    return ["server.guided.v1:ProsocialLogitsProcessor"], config.to_additional_config()
+    return [processor], config.to_additional_config()
+
+
+def processor_for_engine(settings, model) -> str:
+    """The adapter for the model runner the installed vLLM will run with these settings (it says which in the
+    log); refuses speculative decoding, which the guidance cannot serve."""
+    from server.engine import engine_args
+    from server.guided.common import SPECULATIVE_DECODING_REFUSED
+
+    vllm_config = engine_args(settings, model).create_engine_config()
+    if vllm_config.speculative_config is not None:
+        raise GuidanceConfigError(SPECULATIVE_DECODING_REFUSED)
+    v2 = runs_model_runner_v2(vllm_config)
+    processor = V2_PROCESSOR if v2 else V1_PROCESSOR
+    logger.info("vLLM runs Model Runner V%d: guided decoding through %s", 2 if v2 else 1, processor)
+    return processor
+
+
+def runs_model_runner_v2(vllm_config) -> bool:
+    """vLLM's own decision for this config; vLLM >= 0.34 has no V1 runner (nor its processor package) left."""
+    if importlib.util.find_spec("vllm.v1.sample.logits_processor") is None:
+        return True
+    return bool(getattr(vllm_config, "use_v2_model_runner", False))
 
 
 def _eos_token_id(model_dir: Path) -> int:

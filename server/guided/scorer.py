@@ -70,8 +70,10 @@ class LexicographicScorer:
         publish: Callable[[dict], None] = lambda message: None,
         fault_after_steps: int | None = None,
         symbol_tokens: Tensor | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.slots = slots
+        self.device = torch.device(device)  # the engine's: per-slot state lives beside the logits and the ARM
         self.k = candidate_top_k
         self.eos = eos_token_id
         self.publish = publish
@@ -97,31 +99,32 @@ class LexicographicScorer:
         A = len(self.attributes)
         self.requests: dict[int, RowRequest] = {}
         self._parked: OrderedDict[str, tuple] = OrderedDict()
-        self.prefs = torch.zeros(slots, len(PROSOCIAL_ATTRIBUTES))
-        self.has_prefs = torch.zeros(slots, dtype=torch.bool)
-        self.mask_on = torch.zeros(slots, dtype=torch.bool)
-        self.threshold = torch.zeros(slots)
-        self.inv_beta = torch.ones(slots)
-        self.steps = torch.zeros(slots, dtype=torch.long)
-        self.masked = torch.zeros(slots, dtype=torch.long)
-        self.filtered = torch.zeros(slots, dtype=torch.bool)
-        self.failed = torch.zeros(slots, dtype=torch.bool)
+        device = self.device
+        self.prefs = torch.zeros(slots, len(PROSOCIAL_ATTRIBUTES), device=device)
+        self.has_prefs = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.mask_on = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.threshold = torch.zeros(slots, device=device)
+        self.inv_beta = torch.ones(slots, device=device)
+        self.steps = torch.zeros(slots, dtype=torch.long, device=device)
+        self.masked = torch.zeros(slots, dtype=torch.long, device=device)
+        self.filtered = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.failed = torch.zeros(slots, dtype=torch.bool, device=device)
         # Rewards of the emitted tokens credited so far, per attribute; the response guard's running mean margin
         # is reward_sums[:, safety_index] / reward_count.
-        self.reward_sums = torch.zeros(slots, A)
-        self.reward_count = torch.zeros(slots, dtype=torch.long)
-        self.response_threshold = torch.zeros(slots)
-        self.guard_tokens = torch.zeros(slots, dtype=torch.long)  # 0: no response guard for this row
-        self.withheld = torch.zeros(slots, dtype=torch.bool)
-        self.coherence_on = torch.zeros(slots, dtype=torch.bool)
-        self.degenerate = torch.zeros(slots, dtype=torch.bool)
-        self.recent = torch.full(
-            (slots, RECENT_TOKENS), -1, dtype=torch.long
-        )  # last emitted tokens, oldest first
-        self.symbol_run = torch.zeros(slots, dtype=torch.long)
-        self.prev_cand = torch.full((slots, self.k), -1, dtype=torch.long)
+        self.reward_sums = torch.zeros(slots, A, device=device)
+        self.reward_count = torch.zeros(slots, dtype=torch.long, device=device)
+        self.response_threshold = torch.zeros(slots, device=device)
+        # 0: no response guard for this row
+        self.guard_tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.withheld = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.prev_cand = torch.full((slots, self.k), -1, dtype=torch.long, device=device)
+        self.coherence_on = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.degenerate = torch.zeros(slots, dtype=torch.bool, device=device)
+        # The last emitted tokens, oldest first, and the current run of symbol tokens (the coherence guard).
+        self.recent = torch.full((slots, RECENT_TOKENS), -1, dtype=torch.long, device=device)
+        self.symbol_run = torch.zeros(slots, dtype=torch.long, device=device)
         # Last step's candidate rewards, to credit the one each row emitted.
-        self.prev_rewards = torch.zeros(slots, A, self.k)
+        self.prev_rewards = torch.zeros(slots, A, self.k, device=device)
         self._per_slot = [
             self.prefs,
             self.has_prefs,
@@ -230,18 +233,30 @@ class LexicographicScorer:
         return len(self.requests)
 
     # ------------------------------------------------------------------------------------------- the step
-    def apply(self, logits: Tensor) -> Tensor:
-        rows = sorted(s for s in self.requests if s < logits.shape[0])
+    def apply(self, logits: Tensor, row_slots: list[int] | None = None) -> Tensor:
+        """Guide the held requests' rows in place. Row i is slot i (vLLM's V1 runner) unless ``row_slots`` gives
+        each row's slot (-1: leave the row alone), for an engine that orders rows anew every step (V2)."""
+        if row_slots is None:
+            rows, by_slot = sorted(s for s in self.requests if s < logits.shape[0]), logits
+        else:
+            picked = sorted((s, i) for i, s in enumerate(row_slots) if s in self.requests)
+            rows = [s for s, _ in picked]
         if not rows:
             return logits
+        if row_slots is not None:  # the rule indexes logits by slot: guide a slot-indexed copy of these rows
+            where = torch.tensor([i for _, i in picked], device=logits.device)
+            by_slot = logits.new_empty(rows[-1] + 1, logits.shape[1])
+            by_slot[rows] = logits[where]
         start = time.perf_counter()
         try:
             if self.runtime is None:
                 raise RuntimeError(self.error or "ARM unavailable")
-            self._guide(logits, rows)
+            self._guide(by_slot, rows)
         except Exception as exc:
             logger.exception("guidance failed for %d rows; ending them (fail closed)", len(rows))
-            self._fail(logits, rows, f"{type(exc).__name__}: {exc}")
+            self._fail(by_slot, rows, f"{type(exc).__name__}: {exc}")
+        if row_slots is not None:
+            logits[where] = by_slot[rows]
         self._publish_step(rows, time.perf_counter() - start)
         return logits
 
@@ -323,14 +338,14 @@ class LexicographicScorer:
                 hidden[slot] = self.runtime.extend(slot, (request.prompt + request.output)[fed:])
         if decode_slots:
             self._credit_emitted(decode_slots, decode_tokens)
-            self._push_recent(torch.tensor(decode_slots), torch.tensor(decode_tokens))
+            self._push_recent(torch.tensor(decode_slots), torch.tensor(decode_tokens, device=self.device))
             for slot, h in zip(decode_slots, self.runtime.decode(decode_slots, decode_tokens), strict=True):
                 hidden[slot] = h
         return torch.stack([hidden[s] for s in rows])
 
     def _credit_emitted(self, slots: list[int], tokens: list[int]) -> None:
         """Add the rewards (from the previous step) of the token each row just emitted to its totals."""
-        slot_t, token_t = torch.tensor(slots), torch.tensor(tokens)
+        slot_t, token_t = torch.tensor(slots), torch.tensor(tokens, device=self.device)
         match = self.prev_cand[slot_t] == token_t[:, None]  # [R, K]
         found = match.any(1)
         self.reward_sums[slot_t] += (self.prev_rewards[slot_t] * match[:, None, :]).sum(-1)  # [R, A]
@@ -341,7 +356,7 @@ class LexicographicScorer:
         tail = output[-RECENT_TOKENS:]
         self.recent[slot] = -1
         if tail:
-            self.recent[slot, RECENT_TOKENS - len(tail) :] = torch.tensor(tail)
+            self.recent[slot, RECENT_TOKENS - len(tail) :] = torch.tensor(tail, device=self.device)
         run = 0
         if self.symbol_tokens is not None:
             for token in reversed(tail):
@@ -359,7 +374,7 @@ class LexicographicScorer:
     def _degenerate(self, slot_t: Tensor) -> Tensor:
         """[R] bool: the coherence guard's verdict on each row's emitted tokens (vectorised over rows)."""
         recent = self.recent[slot_t]  # [R, W]
-        looping = torch.zeros(len(slot_t), dtype=torch.bool)
+        looping = torch.zeros(len(slot_t), dtype=torch.bool, device=self.device)
         for n, times in LOOP_NGRAMS:
             windows = recent.unfold(1, n, 1)  # [R, W - n + 1, n]
             last = windows[:, -1:, :]

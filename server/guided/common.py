@@ -1,0 +1,106 @@
+"""What both vLLM adapters (``v1``, ``v2``) share: the guidance spec they read from ``SamplingParams``, its
+validation, and the scorer built from vLLM's config on the engine's device.
+
+Imported by the API process too (vLLM loads the processor class there for ``validate_params``): the ARM and the
+telemetry socket are only touched in ``build_scorer``, which runs in the engine's worker.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from server.guided.config import ProcessorConfig
+from server.guided.kernels import engine_kernels
+from server.guided.scorer import LexicographicScorer, symbol_token_mask
+
+SPEC_KEY = "prosocial"
+SPEC_FIELDS = {
+    "request_id",
+    "prefs",
+    "safety_mask",
+    "safety_threshold",
+    "response_threshold",
+    "guard_tokens",
+    "coherence_guard",
+    "beta",
+}
+
+
+def guidance_spec(sampling_params) -> dict | None:
+    extra = sampling_params.extra_args or {}
+    spec = extra.get(SPEC_KEY)
+    if spec is None or not (spec.get("prefs") is not None or spec.get("safety_mask")):
+        return None
+    return spec
+
+
+def validate_spec(sampling_params) -> None:
+    """Both adapters' ``validate_params``: vLLM turns the ``ValueError`` into a 400 at admission."""
+    spec = (sampling_params.extra_args or {}).get(SPEC_KEY)
+    if spec is None:
+        return
+    if not isinstance(spec, dict) or set(spec) != SPEC_FIELDS:
+        raise ValueError(f"extra_args['{SPEC_KEY}'] must have exactly the fields {sorted(SPEC_FIELDS)}")
+    prefs = spec["prefs"]
+    if prefs is not None and (len(prefs) != 5 or any(w < 0 for w in prefs) or sum(prefs) <= 0):
+        raise ValueError("prosocial prefs must be 5 non-negative weights with a positive sum")
+    if float(spec["beta"]) <= 0:
+        raise ValueError("prosocial beta must be positive")
+    if int(spec["guard_tokens"]) < 1:
+        raise ValueError("prosocial guard_tokens must be at least 1")
+
+
+SPECULATIVE_DECODING_REFUSED = (
+    "ProSocialAlign guidance cannot run with speculative decoding: the ARM scores one committed token per "
+    "request and step, not draft tokens. Remove the speculative config (a speculators checkpoint enables it "
+    "by itself) or serve with --no-guidance."
+)
+
+
+def refuse_speculative_decoding(vllm_config) -> None:
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise ValueError(SPECULATIVE_DECODING_REFUSED)
+
+
+def symbol_tokens(base_dir: str, vocab_size: int) -> torch.Tensor:
+    """The coherence guard's symbol tokens of the served vocabulary (ids past the tokenizer's: not symbols)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    decoded = [tokenizer.decode([i]) for i in range(min(vocab_size, len(tokenizer)))]
+    decoded += ["x"] * (vocab_size - len(decoded))
+    return symbol_token_mask(decoded)
+
+
+def build_scorer(vllm_config, device: torch.device, slots: int | None = None) -> LexicographicScorer:
+    """The scorer with its ARM runtime, both on the engine's ``device``, from the settings the API process put
+    in ``additional_config``; ``slots`` overrides the configured slot count (V2 knows the engine's own)."""
+    from rewardmodel.runtime import ArmRuntime
+    from server.telemetry import TelemetryPublisher
+
+    config = ProcessorConfig.from_vllm_config(vllm_config)
+    slots = slots or config.slots
+    publisher = TelemetryPublisher(config.telemetry_address)
+    dtype = getattr(torch, config.dtype)
+
+    def load_runtime() -> ArmRuntime:
+        return ArmRuntime.from_artifact(
+            config.base_dir,
+            config.artifact_dir,
+            slots,
+            config.max_len,
+            dtype,
+            device,
+            *engine_kernels(),
+        )
+
+    return LexicographicScorer(
+        load_runtime,
+        slots=slots,
+        candidate_top_k=config.candidate_top_k,
+        eos_token_id=config.eos_token_id,
+        publish=publisher.send,
+        fault_after_steps=config.fault_after_steps,
+        symbol_tokens=symbol_tokens(config.base_dir, vllm_config.model_config.get_vocab_size()).to(device),
+        device=device,
+    )
