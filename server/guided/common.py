@@ -62,14 +62,21 @@ def refuse_speculative_decoding(vllm_config) -> None:
         raise ValueError(SPECULATIVE_DECODING_REFUSED)
 
 
-def symbol_tokens(base_dir: str, vocab_size: int) -> torch.Tensor:
-    """The coherence guard's symbol tokens of the served vocabulary (ids past the tokenizer's: not symbols)."""
+def symbol_tokens(base_dir: str, vocab_size: int | None) -> torch.Tensor:
+    """The coherence guard's symbol tokens of the served vocabulary (ids past the tokenizer's: not symbols;
+    ``vocab_size`` None: the tokenizer's)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    vocab_size = vocab_size or len(tokenizer)
     decoded = [tokenizer.decode([i]) for i in range(min(vocab_size, len(tokenizer)))]
     decoded += ["x"] * (vocab_size - len(decoded))
     return symbol_token_mask(decoded)
+
+
+def _vocab_size(vllm_config) -> int | None:
+    model_config = getattr(vllm_config, "model_config", None)
+    return model_config.get_vocab_size() if model_config is not None else None
 
 
 def build_scorer(vllm_config, device: torch.device, slots: int | None = None) -> LexicographicScorer:
@@ -101,6 +108,6 @@ def build_scorer(vllm_config, device: torch.device, slots: int | None = None) ->
         eos_token_id=config.eos_token_id,
         publish=publisher.send,
         fault_after_steps=config.fault_after_steps,
-        symbol_tokens=symbol_tokens(config.base_dir, vllm_config.model_config.get_vocab_size()).to(device),
+        symbol_tokens=symbol_tokens(config.base_dir, _vocab_size(vllm_config)).to(device),
         device=device,
     )
