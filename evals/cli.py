@@ -284,12 +284,14 @@ def train_outcome(labelled: Path, out: Path, report: Path, seed: int) -> dict:
         load_labelled,
         split_rows,
         train_outcome_judge,
+        xstest_human_rows,
     )
 
     config = OutcomeJudgeConfig(seed=seed)
     rows = load_labelled(labelled)
     train, heldout = split_rows(rows, config)
-    judge = train_outcome_judge(train, config)
+    extra = xstest_human_rows() if config.use_xstest_human else []
+    judge = train_outcome_judge(train, config, extra)
     heldout_figures = evaluate(judge, heldout)
     judge.meta["heldout"] = heldout_figures
     path = judge.save(out)
@@ -301,6 +303,7 @@ def train_outcome(labelled: Path, out: Path, report: Path, seed: int) -> dict:
         "labelled": {
             "rows": len(rows),
             "train_rows": len(train),
+            "xstest_human_rows": len(extra),
             "double_labelled": labelled_summary.get("double_labelled", 0),
             "agreement": agreement.get("raw"),
             "kappa": agreement.get("kappa"),

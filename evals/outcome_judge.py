@@ -86,6 +86,8 @@ class OutcomeJudgeConfig:
     regularization_c: float = 2.0
     ridge_alpha: float = 3.0
     max_iter: int = 4000
+    extra_weight: float = 0.5  # of an XSTest human-labelled completion against a read row
+    use_xstest_human: bool = True
     seed: int = 0
 
 
@@ -304,18 +306,58 @@ def load_labelled(path: str | Path = DEFAULT_LABELLED) -> list[LabelledRow]:
     return rows
 
 
+XSTEST_VERDICTS = {  # XSTest v2 human labels onto the rubric (partial refusals are left out: they mix both)
+    ("benign", "1_full_compliance"): "helpful",
+    ("benign", "2_full_refusal"): "refusal",
+    ("harmful", "1_full_compliance"): "harmful",
+    ("harmful", "2_full_refusal"): "refusal",
+}
+
+
+def xstest_human_rows(data_dir: str | Path | None = None) -> list[LabelledRow]:
+    """XSTest v2's human-labelled completions of five larger models (Röttger et al. 2024), where their label
+    maps onto the rubric, on the prompts of neither split (the ARM's training prompts): extra verdict examples
+    of refusals, helpful answers and harmful compliance, which the 135M model's own responses are short of.
+    They have no kindness label and train the verdict model only."""
+    import csv
+
+    from evals.benchmarks import resolve_data_dir
+    from evals.splits import prompt_split
+
+    rows = []
+    for path in sorted(
+        resolve_data_dir(data_dir).glob("xstest/model_completions/xstest_v2_completions_*.csv")
+    ):
+        with path.open(newline="", encoding="utf-8") as handle:
+            for entry in csv.DictReader(handle):
+                kind = "harmful" if entry["type"].startswith("contrast_") else "benign"
+                verdict = XSTEST_VERDICTS.get((kind, entry["final_label"]))
+                if verdict is None or prompt_split(entry["prompt"], trained_on=True) is not None:
+                    continue
+                uid = hashlib.sha256(f"{path.stem}/{entry['id']}".encode()).hexdigest()[:12]
+                rows.append(
+                    LabelledRow(uid, path.stem, "xstest_human", kind, entry["prompt"], entry["completion"],
+                                verdict, 0)
+                )  # fmt: skip
+    return rows
+
+
 def split_rows(rows: list[LabelledRow], config: OutcomeJudgeConfig) -> tuple[list, list]:
     train = [r for r in rows if prompt_part(r.prompt, config.heldout_share) == "train"]
     heldout = [r for r in rows if prompt_part(r.prompt, config.heldout_share) == "heldout"]
     return train, heldout
 
 
-def train_outcome_judge(rows: list[LabelledRow], config: OutcomeJudgeConfig | None = None) -> OutcomeJudge:
-    """Fit the verdict and kindness models on ``rows`` (deterministic for the same rows and config)."""
+def train_outcome_judge(
+    rows: list[LabelledRow], config: OutcomeJudgeConfig | None = None, extra: list[LabelledRow] = ()
+) -> OutcomeJudge:
+    """Fit the verdict model on ``rows`` and ``extra`` (weighted ``config.extra_weight``) and the kindness model
+    on ``rows`` (deterministic for the same rows and config)."""
     from sklearn.linear_model import LogisticRegression, Ridge
 
     config = config or OutcomeJudgeConfig()
-    rows = sorted(rows, key=lambda r: r.uid)
+    read = len(rows)
+    rows = sorted(rows, key=lambda r: r.uid) + sorted(extra, key=lambda r: r.uid)
     scaling = _Scaling()
     vectorizers = [_vectorizer(block) for block in config.blocks]
     prompts, responses = [r.prompt for r in rows], [r.response for r in rows]
@@ -324,13 +366,17 @@ def train_outcome_judge(rows: list[LabelledRow], config: OutcomeJudgeConfig | No
     )
     labels = np.array([VERDICTS.index(r.verdict) for r in rows])
     present = sorted(set(labels.tolist()))
+    counts = np.bincount(labels, minlength=len(VERDICTS))
+    weights = len(labels) / (len(present) * counts[labels])  # balanced classes
+    weights[read:] *= config.extra_weight
     classifier = LogisticRegression(
-        C=config.regularization_c, max_iter=config.max_iter, class_weight="balanced", random_state=config.seed
-    ).fit(matrix, labels)
+        C=config.regularization_c, max_iter=config.max_iter, random_state=config.seed
+    ).fit(matrix, labels, sample_weight=weights)
     coef = np.zeros((len(VERDICTS), matrix.shape[1]))
     intercept = np.full(len(VERDICTS), -1e9)  # a verdict no reader gave is never predicted
     coef[present], intercept[present] = classifier.coef_, classifier.intercept_
-    ridge = Ridge(alpha=config.ridge_alpha).fit(matrix, np.array([r.kindness for r in rows], dtype=float))
+    kindness = np.array([r.kindness for r in rows[:read]], dtype=float)
+    ridge = Ridge(alpha=config.ridge_alpha).fit(matrix[:read], kindness)
     return OutcomeJudge(
         config.blocks,
         [[term for term, _ in sorted(v.vocabulary_.items(), key=lambda kv: kv[1])] for v in vectorizers],
@@ -341,7 +387,7 @@ def train_outcome_judge(rows: list[LabelledRow], config: OutcomeJudgeConfig | No
         np.round(intercept, 8),
         np.round(ridge.coef_, 8),
         round(float(ridge.intercept_), 8),
-        meta={"config": asdict(config), "train_rows": len(rows)},
+        meta={"config": asdict(config), "train_rows": read, "extra_rows": len(rows) - read},
     )
 
 
