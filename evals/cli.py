@@ -329,6 +329,73 @@ def train_outcome(labelled: Path, out: Path, report: Path, seed: int) -> dict:
     return result
 
 
+def validate_secondary_judges(labelled: Path, report: Path) -> dict:
+    """The TF-IDF harm judge and the ARM scorer against the readers, on the held-out labelled rows:
+    ``reports/secondary_judges.json``."""
+    from scipy.stats import spearmanr
+    from sklearn.metrics import confusion_matrix
+
+    from evals.harm_judge import load_default_classifier
+    from evals.jsonio import atomic_write_json
+    from evals.judges import ArmScorer
+    from evals.outcome_judge import OutcomeJudgeConfig, load_labelled, split_rows
+
+    _, heldout = split_rows(load_labelled(labelled), OutcomeJudgeConfig())
+    rows = [r for r in heldout if r.response.strip()]
+    prompts, responses = [r.prompt for r in rows], [r.response for r in rows]
+    harmful_sets = [i for i, r in enumerate(rows) if r.set_kind == "harmful"]
+    tfidf = load_default_classifier()
+    called = tfidf.predict([prompts[i] for i in harmful_sets], [responses[i] for i in harmful_sets])
+    truth = [rows[i].verdict for i in harmful_sets]
+    labels = ["harmful", "safe_redirect", "refusal", "degenerate"]
+    matrix = confusion_matrix(
+        truth, ["harmful" if c else "not_harmful" for c in called], labels=labels + ["not_harmful"]
+    )
+    by_verdict = {
+        v: round(
+            float(sum(c for t, c in zip(truth, called, strict=True) if t == v)) / max(1, truth.count(v)), 4
+        )
+        for v in labels
+    }
+    arm = ArmScorer().score(prompts, responses)
+    kindness = [r.kindness for r in rows]
+    spearman = {
+        attribute: round(float(spearmanr(kindness, [s[attribute] for s in arm]).statistic), 4)
+        for attribute in ("empathy", "non_judgmental", "sensitivity")
+    }
+    result = {
+        "rows": len(rows),
+        "harm_tfidf_lr": {
+            "rows": len(harmful_sets),
+            "share_called_harmful_by_reader_verdict": by_verdict,
+            "confusion": {
+                "labels": labels,
+                "columns": ["harmful", "not_harmful"],
+                "matrix": matrix[: len(labels), [0, len(labels)]].tolist(),
+            },
+        },  # fmt: skip
+        "arm_scorer_vs_reader_kindness_spearman": spearman,
+        "command": "prosocial eval judge-validate",
+    }
+    atomic_write_json(report, result)
+    return result
+
+
+def handle_judge_validate(args: argparse.Namespace) -> int:
+    from evals.outcome_judge import DEFAULT_LABELLED
+
+    try:
+        print(
+            json.dumps(
+                validate_secondary_judges(Path(args.labelled or DEFAULT_LABELLED), Path(args.report)),
+                indent=2,
+            )
+        )
+    except (ValueError, FileNotFoundError) as error:
+        return _fail(str(error))
+    return 0
+
+
 def handle_judge_train(args: argparse.Namespace) -> int:
     """The headline harm judge, or the outcome judge (``--judge outcome``)."""
     from evals.harm_judge import DEFAULT_ARTIFACT, HarmJudgeConfig, train_and_evaluate
@@ -519,6 +586,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--report", default=str(REPO_ROOT / "reports" / "outcome_judge.json"), help="outcome: figures JSON"
     )
     train.set_defaults(func=handle_judge_train)
+
+    validate = commands.add_parser(
+        "judge-validate", help="the TF-IDF harm judge and the ARM scorer against the readers' labels"
+    )
+    validate.add_argument("--labelled", default=None, help="labelled JSONL (default evals/labelled/...)")
+    validate.add_argument("--report", default=str(REPO_ROOT / "reports" / "secondary_judges.json"))
+    validate.set_defaults(func=handle_judge_validate)
 
     probe = commands.add_parser(
         "probe-train", help="train the second harm judge (a probe on the base model's hidden states)"

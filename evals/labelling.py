@@ -158,11 +158,20 @@ def agreement(first: list[Label], second: list[Label]) -> dict:
     }
 
 
-def merge(directory: Path) -> tuple[list[dict], dict]:
-    """Labelled rows (first reading is the label; a second reading is kept beside it) and the agreement."""
+def _non_empty(first: list[Label], second: list[Label], index: list[dict]) -> tuple[list, list]:
+    empty = {row["uid"] for row in index if not row["response"].strip()}
+    pairs = [(a, b) for a, b in zip(first, second, strict=True) if a.uid not in empty]
+    return [a for a, _ in pairs], [b for _, b in pairs]
+
+
+def merge(directory: Path, rename: dict[str, str] | None = None) -> tuple[list[dict], dict]:
+    """Labelled rows (first reading is the label; a second reading is kept beside it) and the agreement;
+    ``rename`` maps run-folder names to the configuration names the set records."""
     index = []
     for path in sorted(directory.glob("*index.jsonl")):
         index += _read_jsonl(path)
+    for row in index:
+        row["configuration"] = (rename or {}).get(row["configuration"], row["configuration"])
     kinds = {row["uid"]: row["set_kind"] for row in index}
     by_uid: dict[str, list[Label]] = {}
     for label in read_labels(directory, kinds):
@@ -189,6 +198,8 @@ def merge(directory: Path) -> tuple[list[dict], dict]:
         "by_set": dict(Counter(row["set"] for row in rows)),
         "readers": dict(Counter(r["reader"] for row in rows for r in row["readers"])),
         "agreement": agreement(firsts, seconds) if firsts else None,
+        # The same without the responses that are empty strings (whose verdict no reader can miss).
+        "agreement_non_empty": agreement(*_non_empty(firsts, seconds, index)) if firsts else None,
         "rubric_version": RUBRIC_VERSION,
     }
     return rows, summary
@@ -215,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     merged = commands.add_parser("merge", help="merge the labels into the labelled set and its agreement")
     merged.add_argument("--dir", required=True)
     merged.add_argument("--out", required=True, help="labelled JSONL (its summary goes beside it)")
+    merged.add_argument(
+        "--rename", action="append", default=[], metavar="RUN=NAME", help="record a run folder under NAME"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "shard":
@@ -233,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             _, summary = merge(Path(args.dir))
             print(json.dumps(summary, indent=1))
         else:
-            rows, summary = merge(Path(args.dir))
+            rows, summary = merge(Path(args.dir), dict(item.split("=", 1) for item in args.rename))
             out = Path(args.out)
             atomic_write_jsonl(out, rows)
             atomic_write_json(out.with_suffix(".summary.json"), summary)

@@ -97,15 +97,22 @@ class RequestBuilder:
             raise bad_request(f"at most {self.settings.max_messages} messages are accepted", "messages")
         return self._render(self._messages(body))
 
-    @staticmethod
-    def _messages(body: ChatCompletionRequest) -> list[dict]:
-        return [
+    def _messages(self, body: ChatCompletionRequest) -> list[dict]:
+        """The conversation as the template reads it; a guided request without a system message gets the
+        operator's system prompt."""
+        messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in body.messages
         ]
+        guided = self.settings.guidance and body.prosocial_guidance is not False
+        if guided and self.settings.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": self.settings.system_prompt})
+        return messages
 
     def _redirect_messages(self, messages: list[dict]) -> list[dict]:
         """The conversation under the redirect preamble (joined to the client's own system text, if any)."""
+        if messages and messages[0]["content"] == self.settings.system_prompt:
+            messages = messages[1:]  # the operator's persona gives way to the redirect preamble
         if messages and messages[0]["role"] == "system":
             first = {"role": "system", "content": f"{self.regime.preamble}\n\n{messages[0]['content']}"}
             return [first] + messages[1:]
@@ -228,7 +235,7 @@ class RequestBuilder:
             # One sentence after the opening: short redirects stay on topic and rarely drift.
             sentence_end = [".", "!", "?"]
             return self._params(
-                body, limit, None, seed_index, attempt, True, regime.repetition_penalty, sentence_end
+                body, limit, None, seed_index, attempt, True, regime.redirect_repetition_penalty, sentence_end
             )
 
         return BacktrackJob(

@@ -9,7 +9,13 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rewardmodel.attributes import PROSOCIAL_ATTRIBUTES
-from server.backtrack import DEFAULT_CRISIS, DEFAULT_FALLBACK, DEFAULT_OPENING, DEFAULT_PREAMBLE
+from server.backtrack import (
+    DEFAULT_CRISIS,
+    DEFAULT_FALLBACK,
+    DEFAULT_OPENING,
+    DEFAULT_PREAMBLE,
+    DEFAULT_SYSTEM_PROMPT,
+)
 
 
 class ServerSettings(BaseSettings):
@@ -101,7 +107,12 @@ class ServerSettings(BaseSettings):
     )
     redirect_preamble: str = Field(DEFAULT_PREAMBLE, description="System text of the redirect regime.")
     redirect_opening: str = Field(DEFAULT_OPENING, description="First words of a redirected reply.")
-    redirect_max_tokens: int = Field(64, ge=8, le=512, description="Token limit of one redirect attempt.")
+    redirect_max_tokens: int = Field(40, ge=8, le=512, description="Token limit of one redirect attempt.")
+    system_prompt: str | None = Field(
+        DEFAULT_SYSTEM_PROMPT,
+        description="System message of guided chat requests that bring none (a warm, caring persona; '' or "
+        "None: the chat template's own default).",
+    )
     stream_lag_tokens: int = Field(
         16,
         ge=1,

@@ -110,8 +110,9 @@ def test_a_benign_request_is_not_redirected(client, server):
 
 @pytest.mark.integration
 def test_fallback_when_every_attempt_is_filtered_and_crisis_text_for_self_harm(client, server):
-    # A response threshold no text can meet: the draft and every attempt are ended; the answer is the fallback.
-    strict = {"prosocial_response_threshold": 100.0}
+    # A token threshold no candidate can meet: the draft and every attempt are ended at their first token; the
+    # answer is the fallback.
+    strict = {"prosocial_safety_threshold": 100.0}
     choice = _ask(client, server, HARMFUL, **strict).choices[0]
     backtrack = choice.model_extra["prosocial"]["backtrack"]
     assert choice.message.content == DEFAULT_FALLBACK and choice.finish_reason == "content_filter"
