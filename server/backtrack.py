@@ -35,9 +35,11 @@ DEFAULT_PREAMBLE = (
     "steps or details for it. Reply in two or three sentences: say gently that you can't help with that, then "
     "suggest a safe, legal alternative related to their topic, or where they can find support."
 )
-DEFAULT_OPENING = "I'm sorry, but I can't help with that, because it could hurt someone. If you'd like, I can"
+DEFAULT_OPENING = (
+    "I'm sorry, but I can't help with that, because it could hurt someone. What I can do instead is"
+)
 DEFAULT_BRIDGE = (
-    "\n\nI'm sorry, but I can't go further with that, because it could hurt someone. If you'd like, I can"
+    "\n\nI'm sorry, but I can't go further with that, because it could hurt someone. What I can do instead is"
 )
 DEFAULT_FALLBACK = (
     "I'm sorry, but I can't help with this request because it could put you or someone else at risk. "

@@ -111,7 +111,8 @@ class RequestBuilder:
 
     def _redirect_messages(self, messages: list[dict]) -> list[dict]:
         """The conversation under the redirect preamble (joined to the client's own system text, if any)."""
-        if messages and messages[0]["content"] == self.settings.system_prompt:
+        persona = self.settings.system_prompt
+        if persona and messages and messages[0] == {"role": "system", "content": persona}:
             messages = messages[1:]  # the operator's persona gives way to the redirect preamble
         if messages and messages[0]["role"] == "system":
             first = {"role": "system", "content": f"{self.regime.preamble}\n\n{messages[0]['content']}"}
