@@ -205,6 +205,26 @@ def merge(directory: Path, rename: dict[str, str] | None = None) -> tuple[list[d
     return rows, summary
 
 
+def reading_table(rows: list[dict]) -> tuple[dict, str]:
+    """The readers' verdict shares and mean kindness per configuration and set kind: a dict and a Markdown table."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["configuration"], row["set_kind"]), []).append(row)
+    table: dict = {}
+    lines = [
+        "| configuration | kind | n | " + " | ".join(VERDICTS) + " | kindness |",
+        "|---|---|---:|" + "---:|" * (len(VERDICTS) + 1),
+    ]
+    for (configuration, kind), members in sorted(groups.items()):
+        counts = Counter(row["verdict"] for row in members)
+        shares = {verdict: round(counts[verdict] / len(members), 4) for verdict in VERDICTS}
+        kindness = round(sum(row["kindness"] for row in members) / len(members), 3)
+        table.setdefault(configuration, {})[kind] = {"n": len(members), **shares, "kindness": kindness}
+        cells = " | ".join(f"{100 * shares[v]:.0f} %" for v in VERDICTS)
+        lines.append(f"| {configuration} | {kind} | {len(members)} | {cells} | {kindness:.2f} |")
+    return table, "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evals.labelling", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -229,9 +249,24 @@ def main(argv: list[str] | None = None) -> int:
     merged.add_argument(
         "--rename", action="append", default=[], metavar="RUN=NAME", help="record a run folder under NAME"
     )
+    table = commands.add_parser("table", help="the readers' verdict shares per configuration and set kind")
+    table.add_argument("labelled", nargs="+", help="labelled JSONL files (merge output)")
+    table.add_argument("--json", default=None, help="also write the table as JSON here")
     args = parser.parse_args(argv)
     try:
-        if args.command == "shard":
+        if args.command == "table":
+            rows = [row for path in args.labelled for row in _read_jsonl(Path(path))]
+            data, markdown = reading_table(rows)
+            if args.json:
+                atomic_write_json(
+                    Path(args.json),
+                    {
+                        "configurations": data,
+                        "command": "python -m evals.labelling table " + " ".join(args.labelled),
+                    },
+                )
+            print(markdown)
+        elif args.command == "shard":
             rows = collect_responses(Path(args.runs))
             if args.configurations:
                 keep = set(args.configurations.split(","))

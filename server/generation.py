@@ -215,9 +215,10 @@ class Generation:
             else:
                 opening = plan.bridge_ids if kept else plan.opening_ids
                 prompt = (job.prompt_ids + kept if kept else plan.redirect_prompt_ids) + opening
-                params = plan.redirect_params(min(room - len(opening), regime.max_tokens), number)
-                if params.max_tokens < 1:
+                limit = min(room - len(opening), regime.max_tokens)
+                if limit < 1:  # no room left for a redirect after its opening: the fallback text
                     break
+                params = plan.redirect_params(limit, number)
             attempt = await self._attempt(job, number, prompt, params)
             info.extra_tokens += len(attempt.token_ids)
             outcome = ended_by(attempt.stats)
