@@ -35,12 +35,8 @@ DEFAULT_PREAMBLE = (
     "steps or details for it. Reply in two or three sentences: say gently that you can't help with that, then "
     "suggest a safe, legal alternative related to their topic, or where they can find support."
 )
-DEFAULT_OPENING = (
-    "I'm sorry, but I can't help with that, because it could hurt someone. What I can do instead is"
-)
-DEFAULT_BRIDGE = (
-    "\n\nI'm sorry, but I can't go further with that, because it could hurt someone. What I can do instead is"
-)
+DEFAULT_OPENING = "I can't help with that, because it could hurt someone. What I can do instead is"
+DEFAULT_BRIDGE = "\n\nI can't go further with that, because it could hurt someone. What I can do instead is"
 DEFAULT_FALLBACK = (
     "I'm sorry, but I can't help with this request because it could put you or someone else at risk. "
     "If you tell me more about what you're hoping to achieve, I'm glad to help find a safe way to get there."
@@ -97,9 +93,11 @@ class RedirectRegime:
     preamble: str = DEFAULT_PREAMBLE
     opening: str = DEFAULT_OPENING
     bridge: str = DEFAULT_BRIDGE
-    max_tokens: int = 40
+    max_tokens: int = 64
     repetition_penalty: float = 1.3  # after a loop
-    redirect_repetition_penalty: float = 1.05  # a redirect is one sentence: a light penalty keeps it fluent
+    # Also on the redirect: readers found a light penalty (1.05) more fluent but more often offering the harm
+    # back in the request's own words (docs/method.md, section 4).
+    redirect_repetition_penalty: float = 1.3
     mask_margin: float = 1.0  # the redirect's token mask is this much stricter than the request's
     fallback: str = DEFAULT_FALLBACK
     retry_fallback: str = DEFAULT_RETRY_FALLBACK  # when the drafts only looped (nothing unsafe)

@@ -62,8 +62,10 @@ _SERVE_FLAGS: dict[str, dict] = {
     "redirect_opening": {
         "help": 'first words of a redirected reply (default: "I can\'t help with that, ...")'
     },
-    "redirect_max_tokens": {"type": int, "help": "token limit of one redirect attempt (default 40)"},
-    "system_prompt": {"help": "system message of guided chat requests that bring none ('': the template's)"},
+    "redirect_max_tokens": {"type": int, "help": "token limit of one redirect attempt (default 64)"},
+    "system_prompt": {
+        "help": "system message of guided chat requests that bring none (default: the template's)"
+    },
     "stream_lag_tokens": {
         "type": int,
         "help": "a guided stream releases a token once this many later tokens were judged (default 16)",

@@ -103,6 +103,7 @@ class _LaggedStream:
     logprobs: list[dict] = field(default_factory=list)
     released: int = 0
     sent: str = ""
+    text: str = ""  # vLLM's own text of the draft so far (its stop strings removed)
 
 
 def engine_error(exc: BaseException) -> APIError:
@@ -260,6 +261,7 @@ class Generation:
         state = self._lagged.setdefault(job.request_id, _LaggedStream())
         state.tokens += d.token_ids
         state.logprobs += d.logprobs
+        state.text += d.text
         if d.finish_reason is None:
             if ended_by(d.stats):  # guidance ended the draft: hold everything until it finishes
                 return None
@@ -284,6 +286,8 @@ class Generation:
             return out
         self._lagged.pop(job.request_id, None)
         answer = await self._backtrack(job, _without_eos(state.tokens, plan.eos_token_id), d.stats)
+        if answer.backtrack is None:
+            answer.text = state.text
         if not answer.text.startswith(state.sent):
             logger.warning("a backtracked stream's answer does not extend what was sent (%s)", job.request_id)
         final = ChoiceDelta(
@@ -328,7 +332,8 @@ class Generation:
             answer = await self._backtrack(
                 job, _without_eos(result.token_ids, job.backtrack.eos_token_id), result.stats
             )
-            if answer.backtrack is None:
+            if answer.backtrack is None:  # the draft as vLLM detokenized it (stop strings removed)
+                answer.text = result.text
                 answer.finish_reason, answer.stop_reason = result.finish_reason, result.stop_reason
                 answer.logprobs, answer.engine_tokens = result.logprobs, draft_tokens
             return answer

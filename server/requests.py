@@ -7,7 +7,7 @@ offending parameter.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from server.backtrack import RedirectRegime, attempt_id, shows_self_harm
@@ -260,7 +260,10 @@ class RequestBuilder:
         logprobs: int | None,
         redirect_prompts: list[list[int]] | None = None,
         request_texts: list[str] | None = None,
+        chat: bool = True,
     ) -> tuple[list[ChoiceJob], dict[str, GuidanceSpec | None]]:
+        """``chat=False`` (text completions): no coherence guard, since a raw continuation may rightly repeat
+        (counting, lists, code)."""
         prefs, threshold, response_threshold = self.policy.resolve(
             body.prosocial_prefs,
             body.prosocial_guidance,
@@ -274,6 +277,8 @@ class RequestBuilder:
                 index = p * body.n + k
                 request_id = f"{base_id}-{index}"
                 spec = self.policy.spec(request_id, prefs, threshold, response_threshold)
+                if spec is not None and not chat:
+                    spec = replace(spec, coherence_guard=False)
                 params = self._params(body, max_tokens[p], logprobs, index, spec)
                 guided = spec is not None and spec.needs_arm
                 hold = spec.hold_tokens if guided else 0
@@ -309,7 +314,9 @@ class RequestBuilder:
         if len(prompts) * body.n > self.settings.max_n * 4:
             raise bad_request("too many prompts x n in one request", "prompt")
         max_tokens = [self._max_tokens(body.max_tokens, len(ids), "max_tokens") for ids in prompts]
-        jobs, specs = self._jobs(body, prompts, max_tokens, body.logprobs, None, list(body.prompts()))
+        jobs, specs = self._jobs(
+            body, prompts, max_tokens, body.logprobs, None, list(body.prompts()), chat=False
+        )
         top = body.logprobs or 0
         return Plan(jobs, sum(len(p) for p in prompts), body.logprobs is not None, top, specs)
 

@@ -14,7 +14,6 @@ from server.backtrack import (
     DEFAULT_FALLBACK,
     DEFAULT_OPENING,
     DEFAULT_PREAMBLE,
-    DEFAULT_SYSTEM_PROMPT,
 )
 
 
@@ -107,11 +106,12 @@ class ServerSettings(BaseSettings):
     )
     redirect_preamble: str = Field(DEFAULT_PREAMBLE, description="System text of the redirect regime.")
     redirect_opening: str = Field(DEFAULT_OPENING, description="First words of a redirected reply.")
-    redirect_max_tokens: int = Field(40, ge=8, le=512, description="Token limit of one redirect attempt.")
+    redirect_max_tokens: int = Field(64, ge=8, le=512, description="Token limit of one redirect attempt.")
     system_prompt: str | None = Field(
-        DEFAULT_SYSTEM_PROMPT,
-        description="System message of guided chat requests that bring none (a warm, caring persona; '' or "
-        "None: the chat template's own default).",
+        None,
+        description="System message of guided chat requests that bring none (None: the chat template's own). "
+        "server.backtrack.DEFAULT_SYSTEM_PROMPT, a warm persona, made replies to distressed people kinder but, "
+        "read one by one, did not keep harmful content down (docs/method.md, section 4).",
     )
     stream_lag_tokens: int = Field(
         16,
