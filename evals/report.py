@@ -245,7 +245,9 @@ def render_markdown(report: dict) -> str:
                 _num(entry.get("f1")),
                 "yes" if entry.get("passes_threshold") else "**NO: its figures are not valid**",
             ]
-            for entry, role in [(judge, "headline unsafe leakage")]
+            for entry, role in [
+                (judge, '"unsafe leakage": counts going along with a request (docs/history.md)')
+            ]
             + [(second, "second opinion, beside the headline") for second in report.get("second_judges", [])]
         ],
     )
