@@ -268,11 +268,7 @@ class HarmClassifier:
     name: str = HARM_JUDGE_NAME
 
     def __post_init__(self) -> None:
-        self._vectorizers = []
-        for block, vocabulary, idf in zip(self.blocks, self.vocabularies, self.idfs, strict=True):
-            vectorizer = _vectorizer(block, vocabulary)
-            vectorizer.idf_ = idf
-            self._vectorizers.append(vectorizer)
+        self._vectorizers = fitted_vectorizers(self.blocks, self.vocabularies, self.idfs)
 
     def features(self, prompts: list[str], responses: list[str]):
         """The sparse design matrix for (prompt, response) pairs."""
@@ -302,10 +298,7 @@ class HarmClassifier:
             "threshold": self.threshold,
             "meta": self.meta,
         }
-        arrays = {"coef": self.coef}
-        for index, (vocabulary, idf) in enumerate(zip(self.vocabularies, self.idfs, strict=True)):
-            arrays[f"vocab_{index}"] = _text_array(json.dumps(vocabulary, ensure_ascii=False))
-            arrays[f"idf_{index}"] = idf
+        arrays = {"coef": self.coef} | vocabulary_arrays(self.vocabularies, self.idfs)
         return save_artifact(path, header, arrays)
 
     @classmethod
@@ -315,8 +308,7 @@ class HarmClassifier:
         blocks = tuple(TextBlock(**block) for block in header["blocks"])
         return cls(
             blocks,
-            [json.loads(_array_text(arrays[f"vocab_{i}"])) for i in range(len(blocks))],
-            [arrays[f"idf_{i}"] for i in range(len(blocks))],
+            *read_vocabularies(arrays, len(blocks)),
             arrays["coef"],
             header["intercept"],
             header["threshold"],
@@ -354,13 +346,44 @@ def _array_text(array: np.ndarray) -> str:
     return array.tobytes().decode("utf-8")
 
 
-def _design_matrix(vectorizers, blocks, prompts, responses, fit: bool):
-    from scipy import sparse
+def fitted_vectorizers(blocks, vocabularies: list[list[str]], idfs: list[np.ndarray]) -> list:
+    """TF-IDF vectorizers of a saved judge: each block's vocabulary and idf weights, ready to transform."""
+    vectorizers = []
+    for block, vocabulary, idf in zip(blocks, vocabularies, idfs, strict=True):
+        vectorizer = _vectorizer(block, vocabulary)
+        vectorizer.idf_ = idf
+        vectorizers.append(vectorizer)
+    return vectorizers
 
+
+def vocabulary_arrays(vocabularies: list[list[str]], idfs: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The artifact arrays of the TF-IDF blocks (``vocab_<i>`` as UTF-8 JSON, ``idf_<i>``)."""
+    arrays = {}
+    for index, (vocabulary, idf) in enumerate(zip(vocabularies, idfs, strict=True)):
+        arrays[f"vocab_{index}"] = _text_array(json.dumps(vocabulary, ensure_ascii=False))
+        arrays[f"idf_{index}"] = idf
+    return arrays
+
+
+def read_vocabularies(arrays: dict[str, np.ndarray], blocks: int) -> tuple[list[list[str]], list[np.ndarray]]:
+    """What ``vocabulary_arrays`` wrote: the blocks' vocabularies and idf weights."""
+    vocabularies = [json.loads(_array_text(arrays[f"vocab_{i}"])) for i in range(blocks)]
+    return vocabularies, [arrays[f"idf_{i}"] for i in range(blocks)]
+
+
+def tfidf_blocks(vectorizers, blocks, prompts: list[str], responses: list[str], fit: bool) -> list:
+    """Each block's TF-IDF matrix of the prompts or the responses (fitting the vectorizers when ``fit``)."""
     matrices = []
     for vectorizer, block in zip(vectorizers, blocks, strict=True):
         texts = prompts if block.field == "prompt" else responses
         matrices.append(vectorizer.fit_transform(texts) if fit else vectorizer.transform(texts))
+    return matrices
+
+
+def _design_matrix(vectorizers, blocks, prompts, responses, fit: bool):
+    from scipy import sparse
+
+    matrices = tfidf_blocks(vectorizers, blocks, prompts, responses, fit)
     dense = np.array([handcrafted_features(p, r) for p, r in zip(prompts, responses, strict=True)])
     matrices.append(sparse.csr_matrix(dense))
     return sparse.hstack(matrices).tocsr()

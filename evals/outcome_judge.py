@@ -31,12 +31,14 @@ import numpy as np
 from evals.degeneration import repetition_share
 from evals.harm_judge import (
     TextBlock,
-    _array_text,
-    _text_array,
     _vectorizer,
+    fitted_vectorizers,
     handcrafted_features,
     load_artifact,
+    read_vocabularies,
     save_artifact,
+    tfidf_blocks,
+    vocabulary_arrays,
 )
 from evals.labelling import VERDICTS, VERDICTS_BY_KIND
 
@@ -156,11 +158,7 @@ class OutcomeJudge:
     name: str = OUTCOME_JUDGE_NAME
 
     def __post_init__(self) -> None:
-        self._vectorizers = []
-        for block, vocabulary, idf in zip(self.blocks, self.vocabularies, self.idfs, strict=True):
-            vectorizer = _vectorizer(block, vocabulary)
-            vectorizer.idf_ = idf
-            self._vectorizers.append(vectorizer)
+        self._vectorizers = fitted_vectorizers(self.blocks, self.vocabularies, self.idfs)
 
     def features(self, prompts: list[str], responses: list[str], kinds: list[str]):
         return design_matrix(self._vectorizers, self.blocks, prompts, responses, kinds, self, fit=False)
@@ -212,10 +210,7 @@ class OutcomeJudge:
             "verdict_coef": self.verdict_coef,
             "verdict_intercept": self.verdict_intercept,
             "kindness_coef": self.kindness_coef,
-        }
-        for index, (vocabulary, idf) in enumerate(zip(self.vocabularies, self.idfs, strict=True)):
-            arrays[f"vocab_{index}"] = _text_array(json.dumps(vocabulary, ensure_ascii=False))
-            arrays[f"idf_{index}"] = idf
+        } | vocabulary_arrays(self.vocabularies, self.idfs)
         return save_artifact(path, header, arrays)
 
     @classmethod
@@ -224,8 +219,7 @@ class OutcomeJudge:
         blocks = tuple(TextBlock(**block) for block in header["blocks"])
         return cls(
             blocks,
-            [json.loads(_array_text(arrays[f"vocab_{i}"])) for i in range(len(blocks))],
-            [arrays[f"idf_{i}"] for i in range(len(blocks))],
+            *read_vocabularies(arrays, len(blocks)),
             arrays["dense_mean"],
             arrays["dense_scale"],
             arrays["verdict_coef"],
@@ -242,10 +236,7 @@ def design_matrix(vectorizers, blocks, prompts, responses, kinds, scaling, fit: 
     """[TF-IDF blocks | response embedding | prompt * response embedding | scaled dense cues] (sparse)."""
     from scipy import sparse
 
-    matrices = []
-    for vectorizer, block in zip(vectorizers, blocks, strict=True):
-        texts = prompts if block.field == "prompt" else responses
-        matrices.append(vectorizer.fit_transform(texts) if fit else vectorizer.transform(texts))
+    matrices = tfidf_blocks(vectorizers, blocks, prompts, responses, fit)
     response_vectors, prompt_vectors = embed(responses), embed(prompts)
     cosine = (response_vectors * prompt_vectors).sum(1)
     dense = np.array(

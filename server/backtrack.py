@@ -25,11 +25,6 @@ from dataclasses import dataclass, field
 
 LOOP_NGRAMS = ((4, 3), (8, 2))  # the scorer's coherence rule (server.guided.scorer.LOOP_NGRAMS)
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a warm, caring and honest assistant. Answer helpfully and kindly. If someone is struggling, "
-    "acknowledge their feelings first and offer support. Never help with anything that could hurt someone; "
-    "instead, gently explain why and suggest a safe alternative on the same topic."
-)
 DEFAULT_PREAMBLE = (
     "You are a kind, caring assistant. The user's request could hurt someone, so do not give any instructions, "
     "steps or details for it. Reply in two or three sentences: say gently that you can't help with that, then "

@@ -110,8 +110,8 @@ class ServerSettings(BaseSettings):
     system_prompt: str | None = Field(
         None,
         description="System message of guided chat requests that bring none (None: the chat template's own). "
-        "server.backtrack.DEFAULT_SYSTEM_PROMPT, a warm persona, made replies to distressed people kinder but, "
-        "read one by one, did not keep harmful content down (docs/method.md, section 4).",
+        "The warm persona measured in docs/method.md (section 4) made replies to distressed people kinder but, "
+        "read one by one, did not keep harmful content down.",
     )
     stream_lag_tokens: int = Field(
         16,
