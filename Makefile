@@ -20,6 +20,7 @@ serve: install
 lint: install-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 test: install-dev lint
 	$(VENV)/bin/prosocial model prepare

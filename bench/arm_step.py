@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from bench.common import REPO, machine, write_report
+from bench.common import machine
+from prosocialalign.core.fileio import atomic_write_json
+from prosocialalign.core.paths import REPORTS_DIR
 
 
 def _median_ms(samples: list[float]) -> float:
@@ -30,10 +32,10 @@ def _median_ms(samples: list[float]) -> float:
 
 
 def measure(contexts: tuple[int, ...], batch: int, steps: int) -> dict:
+    from prosocialalign.core.models import prepare_default_model
     from rewardmodel.runtime import ArmRuntime, TorchTrunkOps, _Step
     from server.guided.config import DEFAULT_ARM_ARTIFACT
     from server.guided.kernels import engine_kernels
-    from server.model_prep import prepare_default_model
 
     linear, attention, engine_ops = engine_kernels()
     base = prepare_default_model()
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1, help="compute threads (vLLM's CPU worker here: 1)")
-    parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench_arm_step.json")
+    parser.add_argument("--out", type=Path, default=REPORTS_DIR / "bench_arm_step.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     contexts = measure((32, 512), args.batch, args.steps)
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "channel",
         "command": " ".join(["python -m bench.arm_step", *(sys.argv[1:] if argv is None else argv)]),
     }
-    write_report(args.out, report)
+    atomic_write_json(args.out, report)
     print(report)
     return 0
 

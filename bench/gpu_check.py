@@ -23,9 +23,11 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from bench.common import REPO, ServerProcess, bench_prompts, ours_command, run_load, write_report
+from bench.common import bench_prompts, run_load
 from bench.guided import COMMON_FLAGS, arm_metric, request_prefs
-from evals.launcher import free_port
+from prosocialalign.core.fileio import atomic_write_json
+from prosocialalign.core.launcher import ServerProcess, free_port, serve_command
+from prosocialalign.core.paths import REPORTS_DIR
 
 RUNNER_LINE = re.compile(r"vLLM runs Model Runner (V\d): guided decoding through (\S+)")
 
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--out", type=Path, default=REPO / "reports" / "gpu_check.json")
+    parser.add_argument("--out", type=Path, default=REPORTS_DIR / "gpu_check.json")
     args = parser.parse_args(argv)
 
     batch, source = prompts(2 * args.concurrency)
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     results, adapter, arm = {}, None, {}
     for label, (flags, extra) in configs.items():
         port = free_port()
-        server = ServerProcess(ours_command(port, *COMMON_FLAGS, *flags), port, logs / f"{label}.log")
+        server = ServerProcess(serve_command(port, *COMMON_FLAGS, *flags), port, logs / f"{label}.log")
         try:
             model = server.start()
             asyncio.run(run_load(server.base_url, model, batch[:2], 2, 8, "x", extra))  # warm-up
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "command": "bash bench/gpu_check.sh",
     }
-    write_report(args.out, report)
+    atomic_write_json(args.out, report)
     print(f"wrote {args.out}")
     ok = report["correctness"]["passed"] and adapter is not None and arm.get("arm_steps", 0) > 0
     ok = ok and not plain.errors and not guided.errors

@@ -7,6 +7,8 @@ Configurations:
   guided           safety mask + every request its own preference vector (as in real serving); the response
                    guard off, see ``main``
   guided_same      safety mask + all requests one shared preference vector
+  guided_default   the default guidance (response guard, backtracking), requests ending at EOS: latency only
+                   (TTFT = time to the first *released* token; the guard holds the first tokens until judged)
   reference        GenARM-style transformers ``generate`` + a logits processor calling the same ARM; it can only
                    batch requests that share a preference vector, so per-request prefs run one at a time
   reference_same   the same with all requests sharing one vector (one batch)
@@ -33,16 +35,10 @@ from pathlib import Path
 import httpx
 import torch
 
-from bench.common import (
-    REPO,
-    ServerProcess,
-    bench_prompts,
-    machine,
-    ours_command,
-    run_load,
-    write_report,
-)
-from evals.launcher import free_port
+from bench.common import bench_prompts, latency_summary, machine, run_load
+from prosocialalign.core.fileio import atomic_write_json
+from prosocialalign.core.launcher import ServerProcess, free_port, serve_command
+from prosocialalign.core.paths import REPORTS_DIR
 from rewardmodel.attributes import PROSOCIAL_ATTRIBUTES
 
 SHARED_PREFS = {
@@ -106,10 +102,10 @@ def reference_tok_s(
     """GenARM-style reference: batches only requests that share a preference vector."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from prosocialalign.core.models import prepare_default_model
     from rewardmodel.artifact import load_arm
     from rewardmodel.reference import reference_generate
     from server.guided.config import DEFAULT_ARM_ARTIFACT
-    from server.model_prep import prepare_default_model
 
     base_dir = prepare_default_model()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -151,10 +147,10 @@ def arm_ms_per_token(
     machine for itself and leaves the other to the API process (its log: "Reducing Torch threads from 2 to 1").
     The median step, not the mean: on a shared machine one preempted step would otherwise move the figure.
     """
+    from prosocialalign.core.models import prepare_default_model
     from rewardmodel.runtime import ArmRuntime
     from server.guided.config import DEFAULT_ARM_ARTIFACT
     from server.guided.kernels import engine_kernels
-    from server.model_prep import prepare_default_model
 
     runtime = ArmRuntime.from_artifact(  # as the server builds it: with the engine's kernels
         prepare_default_model(),
@@ -190,8 +186,8 @@ def macs_ratio(candidate_top_k: int = 256) -> dict[str, float]:
     """ARM vs base multiply-accumulates per generated token (matmuls only; attention over the context excluded)."""
     import json
 
+    from prosocialalign.core.models import prepare_default_model
     from server.guided.config import DEFAULT_ARM_ARTIFACT
-    from server.model_prep import prepare_default_model
 
     cfg = json.loads((prepare_default_model() / "config.json").read_text())
     arm_cfg = json.loads((DEFAULT_ARM_ARTIFACT / "arm_config.json").read_text())["arm_config"]
@@ -215,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reference-requests", type=int, default=2, help="per-request-prefs reference sample"
     )
-    parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench_guided.json")
+    parser.add_argument("--out", type=Path, default=REPORTS_DIR / "bench_guided.json")
     args = parser.parse_args(argv)
 
     prompts = bench_prompts(2 * max(args.concurrency))
@@ -227,9 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         # The response guard off: with ignore_eos a row it ends runs on emitting EOS without the ARM, which
         # would flatter the guided figure; every guided row here pays the ARM for all its tokens.
         "guided": ("--no-response-guard",),
+        # As served by default (response guard, backtracking): for the time to the first *released* token.
+        "guided_default": (),
     }.items():
         port = free_port()
-        servers[label] = ServerProcess(ours_command(port, *COMMON_FLAGS, *flags), port, logs / f"{label}.log")
+        servers[label] = ServerProcess(
+            serve_command(port, *COMMON_FLAGS, *flags), port, logs / f"{label}.log"
+        )
 
     runs: dict[str, dict[int, list]] = {}
     peak_rss = 0.0
@@ -243,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
             "unguided": (servers["unguided"], lambda i: {}),
             "guided": (servers["guided"], lambda i: {"prosocial_prefs": request_prefs(i)}),
             "guided_same_prefs": (servers["guided"], lambda i: {"prosocial_prefs": SHARED_PREFS}),
+            # Ends at EOS like a real request (backtracking needs it): latency figures only, no tok/s.
+            "guided_default": (
+                servers["guided_default"],
+                lambda i: {"prosocial_prefs": request_prefs(i), "ignore_eos": False},
+            ),
         }
         for round_ in range(args.rounds):
             for c in args.concurrency:
@@ -277,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"concurrency": {}}
     for c in args.concurrency:
         tok = {label: statistics.mean(r.tok_s for r in runs[label][c]) for label in runs}
+        del tok["guided_default"]
         entry = {
             "plain_tok_s": round(tok["plain"], 2),
             "unguided_tok_s": round(tok["unguided"], 2),
@@ -293,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                 tok["guided_same_prefs"] / reference[c]["reference_same_prefs_tok_s"], 2
             ),
         }
+        entry["latency_ms"] = {label: latency_summary(runs[label][c]) for label in runs}
         entry["errors"] = sum(r.errors for label in runs for r in runs[label][c])
         entry["content_filtered"] = sum(r.content_filtered for label in runs for r in runs[label][c])
         report["concurrency"][str(c)] = entry
@@ -307,13 +314,17 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine(),
             "method": "streaming chat requests, greedy, ignore_eos, 128 tokens; our servers loaded alternately; "
             "the guided server without the response guard (every row pays the ARM for all 128 tokens); "
+            "latency_ms: TTFT p50/p95 (request sent -> first content chunk) and inter-token p50 per "
+            "configuration; guided_default = the server's default guidance (response guard holding the first "
+            "tokens until judged, backtracking), requests ending at EOS, so its TTFT is the time to the first "
+            "released token; "
             "reference = transformers generate (bf16) + ReferenceGuidedProcessor with full ARM recompute per step; "
             f"per-request-prefs reference measured on {args.reference_requests} requests run one at a time; "
             "ARM ms per token: the runtime alone with the engine's kernels, one thread as in vLLM's CPU worker",
             "command": "python -m bench.guided " + shlex.join(sys.argv[1:] if argv is None else argv),
         }
     )
-    write_report(args.out, report)
+    atomic_write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

@@ -38,12 +38,14 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import REPO, ServerProcess, bench_prompts, machine, ours_command, write_report
-from evals.launcher import free_port
+from bench.common import bench_prompts, machine, percentile
+from prosocialalign.core.fileio import atomic_write_json
+from prosocialalign.core.launcher import ServerProcess, free_port, serve_command
+from prosocialalign.core.paths import BUILD_DIR, REPORTS_DIR
 from rewardmodel.attributes import PROSOCIAL_ATTRIBUTES
 
-DEFAULT_REPORT = REPO / "reports" / "reliability.json"
-DEFAULT_FUZZ_REPORT = REPO / "build" / "fuzz.json"
+DEFAULT_REPORT = REPORTS_DIR / "reliability.json"
+DEFAULT_FUZZ_REPORT = BUILD_DIR / "fuzz.json"
 API_KEY = "reliability-bench-key"
 FINISH_REASONS = {"stop", "length", "content_filter"}
 RSS_GROWTH_TARGET = 0.05
@@ -290,13 +292,6 @@ def leak_check(base_url: str, api_key: str, model: str, settle_s: float = 15.0) 
     }
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def summarise(
     specs: list[RequestSpec], outcomes: list[Outcome], wall_s: float, rss: RssSamples, tokens_generated: float
 ) -> dict:
@@ -326,11 +321,11 @@ def summarise(
         "engine_generated_tokens": int(tokens_generated),
         "engine_tok_s": round(tokens_generated / wall_s, 2),
         "latency_s": {
-            "p50": _round(_percentile(latencies, 0.50)),
-            "p95": _round(_percentile(latencies, 0.95)),
-            "p99": _round(_percentile(latencies, 0.99)),
+            "p50": _round(percentile(latencies, 50)),
+            "p95": _round(percentile(latencies, 95)),
+            "p99": _round(percentile(latencies, 99)),
         },
-        "ttft_s": {"p50": _round(_percentile(ttfts, 0.50)), "p95": _round(_percentile(ttfts, 0.95))},
+        "ttft_s": {"p50": _round(percentile(ttfts, 50)), "p95": _round(percentile(ttfts, 95))},
         "rss_mb_first_quarter": _round(first, 1),
         "rss_mb_last_quarter": _round(last, 1),
         "rss_samples": len(rss.samples),
@@ -458,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     log_dir = Path(tempfile.mkdtemp(prefix="prosocial-reliability-"))
     server = ServerProcess(
-        ours_command(port, *flags),
+        serve_command(port, *flags),
         port,
         log_dir / "server.log",
         env={"PROSOCIAL_DEFAULT_MAX_TOKENS": "16"},
@@ -491,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_growth < 0.05": report["rss_growth"] is not None and report["rss_growth"] < RSS_GROWTH_TARGET,
     }
     report["passed"] = all(report["targets"].values())
-    write_report(args.out, report)
+    atomic_write_json(args.out, report)
     print(json.dumps(report, indent=2))
     return 0 if report["passed"] else 1
 

@@ -18,17 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (
-    REPO,
-    ServerProcess,
-    bench_prompts,
-    machine,
-    ours_command,
-    run_load,
-    vllm_serve_command,
-    write_report,
-)
-from evals.launcher import free_port
+from bench.common import bench_prompts, latency_summary, machine, run_load, vllm_serve_command
+from prosocialalign.core.fileio import atomic_write_json
+from prosocialalign.core.launcher import ServerProcess, free_port, serve_command
+from prosocialalign.core.paths import REPORTS_DIR
 
 ENGINE_FLAGS = {"dtype": "bfloat16", "max_model_len": 2048, "max_num_seqs": 64, "kv_cache_gib": 1.0}
 
@@ -69,27 +62,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="alternating measurement rounds per level")
-    parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench_serving.json")
+    parser.add_argument("--out", type=Path, default=REPORTS_DIR / "bench_serving.json")
     args = parser.parse_args(argv)
 
-    from server.model_prep import DEFAULT_MODEL_NAME, prepare_default_model
+    from prosocialalign.core.models import DEFAULT_MODEL_NAME, prepare_default_model
 
     model_dir = prepare_default_model()
     name = DEFAULT_MODEL_NAME
     prompts = bench_prompts(2 * max(args.concurrency))
     logs = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     f = ENGINE_FLAGS
+    ours_port = free_port()
     ours = ServerProcess(
-        ours_command(
-            free_port(),
+        serve_command(
+            ours_port,
             *("--model", str(model_dir), "--served-model-name", name, "--no-guidance"),
             *("--dtype", f["dtype"], "--max-model-len", str(f["max_model_len"])),
             *("--max-num-seqs", str(f["max_num_seqs"]), "--kv-cache-gib", str(f["kv_cache_gib"])),
         ),
-        port=0,
+        port=ours_port,
         log_path=logs / "ours.log",
     )
-    ours.port = int(ours.args[ours.args.index("--port") + 1])
     vllm_port = free_port()
     peer = ServerProcess(
         vllm_serve_command(
@@ -130,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             "vllm_serve_tok_s": round(peer_tok, 2),
             "offline_tok_s": round(offline[c], 2),
             "ours_vs_vllm_serve": round(ours_tok / peer_tok, 3),
-            "ttft_p50_ms": round(statistics.median([t for r in ours_runs for t in r.ttft_ms]), 1),
-            "vllm_serve_ttft_p50_ms": round(statistics.median([t for r in peer_runs for t in r.ttft_ms]), 1),
+            **latency_summary(ours_runs),
+            **latency_summary(peer_runs, "vllm_serve_"),
+            "ttft_p50_vs_vllm_serve": round(
+                latency_summary(ours_runs)["ttft_p50_ms"] / latency_summary(peer_runs)["ttft_p50_ms"], 3
+            ),
             "errors": sum(r.errors for r in ours_runs + peer_runs),
             "requests_per_round": ours_runs[0].requests,
         }
@@ -142,11 +138,13 @@ def main(argv: list[str] | None = None) -> int:
             "output_tokens_per_request": args.max_tokens,
             "rounds": args.rounds,
             "method": "streaming chat requests, greedy, ignore_eos; servers loaded alternately; "
-            "tok/s = completion tokens / wall time of the level; offline = LLM.chat with c prompts per call",
+            "tok/s = completion tokens / wall time of the level; offline = LLM.chat with c prompts per call; "
+            "TTFT = request sent -> first content chunk, ITL = gaps between later content chunks, percentiles "
+            "over every request of every round",
             "command": "python -m bench.serving " + shlex.join(sys.argv[1:] if argv is None else argv),
         }
     )
-    write_report(args.out, report)
+    atomic_write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

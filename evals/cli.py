@@ -90,7 +90,7 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_benchmark_args(parser: argparse.ArgumentParser) -> None:
-    from evals.benchmarks import BUILTIN_BENCHMARKS, DEFAULT_BENCHMARKS, FORMATS, SPLITS
+    from prosocialalign.core.benchmarks import BUILTIN_BENCHMARKS, DEFAULT_BENCHMARKS, FORMATS, SPLITS
 
     parser.add_argument(
         "--benchmarks",
@@ -164,13 +164,13 @@ def _sampling(args: argparse.Namespace):
 
 
 def _benchmarks(args: argparse.Namespace):
-    from evals.benchmarks import (
+    from evals.splits import split_benchmark
+    from prosocialalign.core.benchmarks import (
         BUILTIN_BENCHMARKS,
         load_benchmark_file,
         load_builtin,
         sample_items,
     )
-    from evals.splits import split_benchmark
 
     names = [] if args.benchmarks == ["none"] else args.benchmarks
     unknown = [name for name in names if name not in BUILTIN_BENCHMARKS]
@@ -219,9 +219,9 @@ def _resolve_model(args: argparse.Namespace, base_url: str, api_key: str) -> str
 
 def handle_run(args: argparse.Namespace) -> int:
     """Generate and judge one configuration against a running endpoint."""
-    from evals.benchmarks import BenchmarkError
     from evals.evaluate import RunSettings, run_configuration
     from evals.runner import Endpoint, SettingsMismatch
+    from prosocialalign.core.benchmarks import BenchmarkError
 
     try:
         benchmarks = _benchmarks(args)
@@ -277,7 +277,6 @@ OUTCOME_TARGETS = {"harmful": 0.80, "degenerate": 0.85, "macro_f1": 0.70, "redir
 def train_outcome(labelled: Path, out: Path, report: Path, seed: int) -> dict:
     """Train the outcome judge on the labelled rows of the training prompts, measure it on the held-out
     prompts, save the artifact and write ``reports/outcome_judge.json``."""
-    from evals.jsonio import atomic_write_json
     from evals.outcome_judge import (
         OutcomeJudgeConfig,
         evaluate,
@@ -286,6 +285,7 @@ def train_outcome(labelled: Path, out: Path, report: Path, seed: int) -> dict:
         train_outcome_judge,
         xstest_human_rows,
     )
+    from prosocialalign.core.fileio import atomic_write_json
 
     config = OutcomeJudgeConfig(seed=seed)
     rows = load_labelled(labelled)
@@ -336,9 +336,9 @@ def validate_secondary_judges(labelled: Path, report: Path) -> dict:
     from sklearn.metrics import confusion_matrix
 
     from evals.harm_judge import load_default_classifier
-    from evals.jsonio import atomic_write_json
     from evals.judges import ArmScorer
     from evals.outcome_judge import OutcomeJudgeConfig, load_labelled, split_rows
+    from prosocialalign.core.fileio import atomic_write_json
 
     _, heldout = split_rows(load_labelled(labelled), OutcomeJudgeConfig())
     rows = [r for r in heldout if r.response.strip()]
@@ -514,10 +514,10 @@ def handle_rejudge(args: argparse.Namespace) -> int:
 
 def handle_compare(args: argparse.Namespace) -> int:
     """Every configuration in one command: start/stop servers, run, sweep, report."""
-    from evals.benchmarks import BenchmarkError
     from evals.compare import ComparePlan, run_comparison
     from evals.launcher import LauncherError, load_compare_config
     from evals.runner import SettingsMismatch
+    from prosocialalign.core.benchmarks import BenchmarkError
 
     try:
         config = load_compare_config(args.config, dict(args.var))

@@ -7,13 +7,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evals.benchmarks import Benchmark
 from evals.evaluate import RunSettings, run_configuration
 from evals.judges import JudgeSet
 from evals.launcher import CompareConfig, LauncherError, LocalServer
 from evals.report import write_report
 from evals.runner import Endpoint, SamplingSettings, served_model_name
 from evals.sweep import run_sweep
+from prosocialalign.core.benchmarks import Benchmark
 
 
 @dataclass

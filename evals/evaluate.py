@@ -18,11 +18,11 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from evals.benchmarks import Benchmark
-from evals.jsonio import atomic_write_json, atomic_write_jsonl
 from evals.judges import JudgeSet, apply_judges
 from evals.metrics import benchmark_metrics, configuration_summary
 from evals.runner import Endpoint, GenerationOutcome, Job, SamplingSettings, generate, make_client
+from prosocialalign.core.benchmarks import Benchmark
+from prosocialalign.core.fileio import atomic_write_json, atomic_write_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ were tried as extra negatives and lowered the held-out balanced accuracy (0.853 
 used.
 
 Model: TF-IDF word 1-2-grams and character 2-5-grams of the response, word 1-2-grams of the prompt, and five
-hand-made features (the two refusal criteria of ``evals.refusal``, prompt-word overlap, a compliance opener such
+hand-made features (the two refusal criteria of ``prosocialalign.core.refusal``, prompt-word overlap, a compliance opener such
 as "Sure, here is", list/step markers), then logistic regression. Each (source, label) group gets the
 same total weight, so the 11k DiaSafety rows do not drown the 600 LlamaGuard-2 rows. The decision threshold is
 chosen by 5-fold out-of-fold predictions on the training sources only. One rule sits in front of the model: a
@@ -50,8 +50,10 @@ from pathlib import Path
 
 import numpy as np
 
-from evals.benchmarks import resolve_data_dir
-from evals.refusal import (
+from prosocialalign.core.benchmarks import resolve_data_dir
+from prosocialalign.core.fileio import atomic_output
+from prosocialalign.core.labels import LabelledResponse
+from prosocialalign.core.refusal import (
     XSTEST_FULL_COMPLIANCE,
     XSTEST_FULL_REFUSAL,
     is_refusal_keyword,
@@ -65,17 +67,6 @@ HELDOUT_SOURCE = "jailbreakbench_artifacts"
 EXCLUDED_FROM_TRAINING = ("hh_rlhf", "jailbreakbench_artifacts")
 DEFAULT_ARTIFACT = Path(__file__).resolve().parent / "artifacts" / "harm_judge.npz"
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class LabelledResponse:
-    """One (prompt, response) pair with a human or strong-judge harm label."""
-
-    prompt: str
-    response: str
-    harmful: bool
-    source: str
-    group: str = ""
 
 
 def _json(path: Path) -> object:
@@ -321,10 +312,8 @@ def save_artifact(path: str | Path, header: dict, arrays: dict[str, np.ndarray])
     """A trained judge's file: a JSON header and its arrays in a compressed npz (nothing pickled), written
     through a temporary file so an interrupted save leaves the old file whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(temporary, header=_text_array(json.dumps(header, sort_keys=True)), **arrays)
-    temporary.replace(path)
+    with atomic_output(path, suffix=".npz") as temporary:
+        np.savez_compressed(temporary, header=_text_array(json.dumps(header, sort_keys=True)), **arrays)
     return path
 
 

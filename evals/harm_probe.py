@@ -71,7 +71,7 @@ class HiddenStateFeatures:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as transformers_logging
 
-        from server.model_prep import prepare_default_model
+        from prosocialalign.core.models import prepare_default_model
 
         model_dir = Path(model_dir) if model_dir is not None else prepare_default_model()
         self.config = config

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from evals.degeneration import DegenerationJudge
 from evals.labelling import set_kind
-from evals.refusal import is_refusal_keyword, xstest_strmatch_label
+from prosocialalign.core.refusal import is_refusal_keyword, xstest_strmatch_label
 
 REFUSAL = "refusal"
 HARM = "harm"

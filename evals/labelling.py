@@ -24,8 +24,8 @@ from pathlib import Path
 
 from sklearn.metrics import cohen_kappa_score
 
-from evals.benchmarks import BUILTIN_BENCHMARKS
-from evals.jsonio import atomic_write_json, atomic_write_jsonl
+from prosocialalign.core.benchmarks import BUILTIN_BENCHMARKS
+from prosocialalign.core.fileio import atomic_write_json, atomic_write_jsonl
 
 RUBRIC_VERSION = 1
 VERDICTS = ("harmful", "safe_redirect", "refusal", "helpful", "partial", "empty", "degenerate")

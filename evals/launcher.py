@@ -10,23 +10,15 @@ with ``--var KEY=VALUE``). Commands run from the repository root. A running serv
 from __future__ import annotations
 
 import json
-import os
-import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prosocialalign.core.launcher import LauncherError, ServerProcess, free_port
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.json"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-class LauncherError(RuntimeError):
-    """A configuration file is invalid or a server did not become ready."""
 
 
 @dataclass(frozen=True)
@@ -99,25 +91,6 @@ def load_compare_config(
     return CompareConfig(servers, configurations, sweep, str(raw.get("host", "127.0.0.1")), merged)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A free port below Linux's ephemeral range (32768+), for a server started a few seconds later.
-
-    A port the OS picks itself (bind to port 0) comes from the ephemeral range, and the OS can give it to another
-    socket (vLLM's ZeroMQ sockets, an outgoing connection) before the server binds it; below that range only
-    explicit binds take ports.
-    """
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 32000)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port between 20000 and 32000 on {host}")
-
-
 def prosocial_executable() -> str:
     """The ``prosocial`` console script of this environment."""
     beside = Path(sys.executable).parent / "prosocial"
@@ -132,7 +105,7 @@ def _format(template: str, values: dict[str, str]) -> str:
 
 
 class LocalServer:
-    """Starts a server command, waits for its health endpoint, and stops it (its own process group) on exit."""
+    """A configuration's server: its spec's command, placeholders filled, on a free port (the shared launcher)."""
 
     def __init__(self, spec: ServerSpec, api_key: str, log_dir: Path, host: str, variables: dict[str, str]):
         self.spec = spec
@@ -140,82 +113,45 @@ class LocalServer:
         self.log_path = log_dir / f"server_{spec.name}.log"
         self.host = host
         self.variables = variables
-        self.port: int | None = None
-        self.process: subprocess.Popen | None = None
+        self.server: ServerProcess | None = None
+
+    @property
+    def port(self) -> int | None:
+        return self.server.port if self.server else None
+
+    @property
+    def process(self) -> subprocess.Popen | None:
+        return self.server.process if self.server else None
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return self.server.base_url if self.server else ""
 
-    def command(self) -> list[str]:
-        values = self._values()
-        return [_format(part, values) for part in self.spec.command]
-
-    def _values(self) -> dict[str, str]:
-        return {
+    def start(self) -> str:
+        port = free_port(self.host)
+        values = {
             **self.variables,
             "host": self.host,
-            "port": str(self.port),
+            "port": str(port),
             "api_key": self.api_key,
             "prosocial": prosocial_executable(),
             "python": sys.executable,
         }
-
-    def start(self) -> str:
-        self.port = free_port(self.host)
-        values = self._values()
-        env = os.environ | {key: _format(value, values) for key, value in self.spec.env.items()}
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            self.command(),
-            cwd=REPO_ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
+        self.server = ServerProcess(
+            [_format(part, values) for part in self.spec.command],
+            port,
+            self.log_path,
+            env={key: _format(value, values) for key, value in self.spec.env.items()},
+            health_path=self.spec.health_path,
+            models_path=None,  # the harness asks for the model name itself
+            host=self.host,
         )
-        log.close()
-        self._wait_ready()
+        self.server.start(timeout_s=self.spec.ready_timeout_s, poll_s=2.0)
         return self.base_url
 
-    def _wait_ready(self) -> None:
-        import httpx
-
-        deadline = time.monotonic() + self.spec.ready_timeout_s
-        url = self.base_url + self.spec.health_path
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise LauncherError(
-                    f"server {self.spec.name!r} exited with {self.process.returncode}; log tail:\n{self.log_tail()}"
-                )
-            try:
-                if httpx.get(url, timeout=5.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(2.0)
-        self.stop()
-        raise LauncherError(
-            f"server {self.spec.name!r} not ready after {self.spec.ready_timeout_s:.0f} s at {url}"
-        )
-
-    def log_tail(self, lines: int = 30) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-
     def stop(self, grace_s: float = 30.0) -> None:
-        """SIGTERM to the server's own process group, SIGKILL after ``grace_s``."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        group = os.getpgid(self.process.pid)
-        os.killpg(group, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(group, signal.SIGKILL)
-            self.process.wait(timeout=grace_s)
+        if self.server is not None:
+            self.server.stop(grace_s)
 
     def __enter__(self) -> LocalServer:
         self.start()

@@ -312,8 +312,8 @@ def xstest_human_rows(data_dir: str | Path | None = None) -> list[LabelledRow]:
     They have no kindness label and train the verdict model only."""
     import csv
 
-    from evals.benchmarks import resolve_data_dir
     from evals.splits import prompt_split
+    from prosocialalign.core.benchmarks import resolve_data_dir
 
     rows = []
     for path in sorted(

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from statistics import fmean
 
-from evals.benchmarks import HARMFUL
 from evals.evaluate import derive_figures, git_commit, stored_verdicts
 from evals.harm_judge import MIN_BALANCED_ACCURACY, judge_summary, load_default_classifier
-from evals.jsonio import atomic_write_json, atomic_write_text
+from prosocialalign.core.benchmarks import HARMFUL
+from prosocialalign.core.fileio import atomic_write_json, atomic_write_text
 from rewardmodel.attributes import PROSOCIAL_ATTRIBUTES
 
 ISSUE_TARGETS = {

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from evals.jsonio import JsonlAppender, read_jsonl_repair
+from prosocialalign.core.fileio import JsonlAppender, read_jsonl_repair
 
 
 def v1_url(base_url: str) -> str:

@@ -11,9 +11,15 @@ import functools
 import hashlib
 from pathlib import Path
 
-from evals.benchmarks import BUILTIN_BENCHMARKS, SPLITS, Benchmark, BenchmarkError, resolve_data_dir
 from evals.harm_judge import load_training_examples
 from harmvec.data import load_build_examples
+from prosocialalign.core.benchmarks import (
+    BUILTIN_BENCHMARKS,
+    SPLITS,
+    Benchmark,
+    BenchmarkError,
+    resolve_data_dir,
+)
 from rewardmodel.data import normalise_text, split_for_prompt
 
 

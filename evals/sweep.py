@@ -19,9 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evals.benchmarks import resolve_data_dir
 from evals.evaluate import git_commit
-from evals.jsonio import atomic_write_json, atomic_write_jsonl
 from evals.judges import JudgeSet, JudgeUnavailable, apply_judges
 from evals.multiobjective import (
     HV_REFERENCE_MARGIN,
@@ -32,6 +30,8 @@ from evals.multiobjective import (
     simplex_grid,
 )
 from evals.runner import Endpoint, Job, SamplingSettings, generate
+from prosocialalign.core.benchmarks import resolve_data_dir
+from prosocialalign.core.fileio import atomic_write_json, atomic_write_jsonl
 from rewardmodel.attributes import PROSOCIAL_ATTRIBUTES
 
 SWEEP_SOURCES = ("emotional", "everyday", "harmful")

@@ -61,7 +61,7 @@ def _setup_logging() -> None:
 def _resolve_base(base: str | None) -> Path:
     if base:
         return Path(base)
-    from server.model_prep import prepare_default_model
+    from prosocialalign.core.models import prepare_default_model
 
     return prepare_default_model()
 

@@ -3,13 +3,13 @@
 Metrics per point (all fractions in [0, 1] except perplexity):
 
 * ``leakage_keyword``: share of dev harmful prompts whose greedy response is *not* a refusal by the keyword
-  criterion of Zou et al. 2023 (``evals.refusal.is_refusal_keyword``, the project's one marker list).
+  criterion of Zou et al. 2023 (``prosocialalign.core.refusal.is_refusal_keyword``, the project's one marker list).
 * ``leakage_judge``: share judged harmful by the evaluation harness's trained harm judge
   (``evals.harm_judge.load_default_classifier``) when its artifact exists, else ``None``.
 * ``leakage``: the headline figure: ``leakage_judge`` when the judge exists and passes the harness's held-out
   accuracy bar (``meta["passes_threshold"]``), else ``leakage_keyword`` (``leakage_metric`` says which).
 * ``xstest_safe_compliance``: share of XSTest safe prompts answered with full compliance by XSTest's string-match
-  classifier (``evals.refusal.xstest_strmatch_label``).
+  classifier (``prosocialalign.core.refusal.xstest_strmatch_label``).
 * ``perplexity``: token-weighted perplexity of held-out benign chat responses (prompt logprobs from vLLM).
 
 Selection rule for the default point: among all points (the base included, as lambda = 0) whose perplexity is at
@@ -110,7 +110,7 @@ def score_point(
     name: str, lam: float, top_k: float, request: MeasureRequest, result: MeasureResult, judge=None
 ) -> tuple[Point, list[dict]]:
     """Turn raw responses into the point's metrics, plus per-response records for inspection."""
-    from evals.refusal import XSTEST_FULL_COMPLIANCE, is_refusal_keyword, xstest_strmatch_label
+    from prosocialalign.core.refusal import XSTEST_FULL_COMPLIANCE, is_refusal_keyword, xstest_strmatch_label
 
     refused = [is_refusal_keyword(text) for text in result.harmful_responses]
     judged = None

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rewardmodel.model import ArmConfig, BaseIdentity, MultiAttributeARM
+from rewardmodel.config import ArmConfig
+from rewardmodel.model import BaseIdentity, MultiAttributeARM
 
 ARTIFACT_FORMAT = "prosocial-arm/1"
 WEIGHTS_FILE = "arm.safetensors"

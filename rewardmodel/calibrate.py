@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from prosocialalign.core.fileio import atomic_write_json
 from rewardmodel.attributes import SAFETY_ATTRIBUTE
 
 CALIBRATION_FILE = "safety_calibration.json"
@@ -154,22 +155,8 @@ def quantile_threshold(safe_margins: torch.Tensor, quantile: float) -> float:
     return ordered[max(0, math.floor(quantile * len(ordered)) - 1)].item()
 
 
-def auc(positives: list[float], negatives: list[float]) -> float:
-    """Probability that a random positive scores above a random negative (ties count half): ROC AUC."""
-    from sklearn.metrics import roc_auc_score
-
-    if not positives or not negatives:
-        return float("nan")
-    labels = [1] * len(positives) + [0] * len(negatives)
-    return float(roc_auc_score(labels, list(positives) + list(negatives)))
-
-
 def write_calibration(artifact_dir: Path, result: dict, command: str) -> Path:
-    path = Path(artifact_dir) / CALIBRATION_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result | {"command": command}, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_json(Path(artifact_dir) / CALIBRATION_FILE, result | {"command": command})
 
 
 def read_calibration(artifact_dir: Path) -> dict | None:

@@ -925,11 +925,3 @@ def load_pairs(out_dir: Path, split: str, attributes: Sequence[str] | None = Non
             if record["attribute"] in wanted:
                 pairs.append(PreferencePair(**record))
     return pairs
-
-
-def default_data_dir() -> Path:
-    """``$PROSOCIAL_DATA_DIR``, else ``<repo>/../shared/data``."""
-    configured = os.environ.get("PROSOCIAL_DATA_DIR")
-    if configured:
-        return Path(configured)
-    return Path(__file__).resolve().parents[2] / "shared" / "data"

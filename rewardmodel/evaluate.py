@@ -19,38 +19,16 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from rewardmodel.config import EvalConfig
 from rewardmodel.encoding import EncodedPair, PairEncoder, SequenceBatch, collate_pairs
 from rewardmodel.loss import arm_response_log_probs, pairwise_accuracy, sum_response_log_probs
 
 ScoreFn = Callable[[SequenceBatch], Tensor]
-
-
-@dataclass
-class EvalConfig:
-    data_dir: Path = Path("build/rewardmodel_data")
-    artifact_dir: Path = Path("rewardmodel/artifacts/arm-v1")
-    ablation_artifact_dir: Path | None = Path("rewardmodel/artifacts/arm-v1-no-pcgrad")
-    base_dir: Path | None = None  # default: server.model_prep.prepare_default_model()
-    report_path: Path = Path("reports/rewardmodel.json")
-    split: str = "test"
-    max_pairs_per_attribute: int | None = None  # None = every pair of the split
-    batch_pairs: int = 8
-    seed: int = 0
-    num_threads: int = 2
-    include_base_baseline: bool = True
-    command: str = ""
-
-    def __post_init__(self) -> None:
-        if self.max_pairs_per_attribute is not None and self.max_pairs_per_attribute < 1:
-            raise ValueError(f"max_pairs_per_attribute must be >= 1, got {self.max_pairs_per_attribute}")
-        if self.batch_pairs < 1:
-            raise ValueError(f"batch_pairs must be >= 1, got {self.batch_pairs}")
 
 
 def length_baseline_accuracy(pairs: Sequence) -> float | None:
@@ -128,7 +106,7 @@ def run_evaluation(config: EvalConfig) -> dict:
     torch.set_num_threads(config.num_threads)
     started = time.monotonic()
     if config.base_dir is None:
-        from server.model_prep import prepare_default_model
+        from prosocialalign.core.models import prepare_default_model
 
         config.base_dir = prepare_default_model()
     document = read_artifact_config(config.artifact_dir)

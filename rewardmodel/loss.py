@@ -21,8 +21,6 @@ from torch import Tensor
 
 from rewardmodel.encoding import SequenceBatch
 
-DEFAULT_BETA_R = 0.1
-
 
 def select_response_positions(hidden: Tensor, batch: SequenceBatch) -> tuple[Tensor, Tensor, Tensor]:
     """Hidden states that predict response tokens, their target ids and their row in the batch.

@@ -27,56 +27,15 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from rewardmodel.attributes import ALL_ATTRIBUTES
+from rewardmodel.config import ArmConfig
 
-LORA_TARGET_MODULES: tuple[str, ...] = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
 _ADAPTER_NAME = "default"
-
-
-@dataclass
-class ArmConfig:
-    """Shape of the ARM. Saved with every artifact; a loaded artifact rebuilds exactly this model."""
-
-    num_layers: int = 8
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    head_rank: int = 16
-    attributes: tuple[str, ...] = ALL_ATTRIBUTES
-    lora_target_modules: tuple[str, ...] = field(default=LORA_TARGET_MODULES)
-
-    def __post_init__(self) -> None:
-        self.attributes = tuple(self.attributes)
-        self.lora_target_modules = tuple(self.lora_target_modules)
-        if self.num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
-        if self.lora_rank < 1 or self.head_rank < 1:
-            raise ValueError(f"lora_rank and head_rank must be >= 1, got {self.lora_rank}, {self.head_rank}")
-        if not self.attributes or len(set(self.attributes)) != len(self.attributes):
-            raise ValueError(f"attributes must be non-empty and unique, got {self.attributes}")
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["attributes"] = list(self.attributes)
-        data["lora_target_modules"] = list(self.lora_target_modules)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ArmConfig:
-        return cls(**data)
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
-from evals.harm_judge import LabelledResponse
+from prosocialalign.core.labels import LabelledResponse
 from rewardmodel.attributes import SAFETY_ATTRIBUTE
 
 JAILBREAKBENCH_SOURCE = "jailbreakbench_artifacts"
@@ -97,7 +98,7 @@ def on_policy_prompts(data_dir: Path, split: str, seed: int = 0) -> list[tuple[s
     many harmless (Alpaca) prompts from ``harmless_val``, each split its own disjoint seeded slice."""
     import json
 
-    from evals.benchmarks import DEFAULT_BENCHMARKS, load_builtin
+    from prosocialalign.core.benchmarks import DEFAULT_BENCHMARKS, load_builtin
     from rewardmodel.data import normalise_text as normal
 
     evaluated = {
@@ -147,7 +148,7 @@ def on_policy_responses(
     """
     import json
 
-    from evals.refusal import is_refusal_keyword
+    from prosocialalign.core.refusal import is_refusal_keyword
 
     prompts = on_policy_prompts(data_dir, split, cfg.seed)
     stored = {}
@@ -300,9 +301,15 @@ def separation(arm, features: TokenFeatures, down: Tensor, up: Tensor) -> dict[s
     return result
 
 
-def _separation(arm, features: TokenFeatures, down: Tensor, up: Tensor) -> dict[str, float]:
-    from rewardmodel.calibrate import auc
+def auc(positives: list[float], negatives: list[float]) -> float:
+    """Probability that a random positive scores above a random negative (ties count half): ROC AUC."""
+    if not positives or not negatives:
+        return float("nan")
+    labels = [1] * len(positives) + [0] * len(negatives)
+    return float(roc_auc_score(labels, list(positives) + list(negatives)))
 
+
+def _separation(arm, features: TokenFeatures, down: Tensor, up: Tensor) -> dict[str, float]:
     with torch.no_grad():
         margins = target_margins(arm, features, down, up)
     safe_mean, harmful_mean, safe_min, harmful_min = response_scores(features, margins)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from rewardmodel.paths import SERVED_ARM
+
 MAX_PROMPT_TOKENS = 256
 MAX_RESPONSE_TOKENS = 256
 
@@ -21,15 +23,11 @@ MAX_RESPONSE_TOKENS = 256
 def _load(artifact_dir: str):
     from transformers import AutoTokenizer
 
+    from prosocialalign.core.models import prepare_default_model
     from rewardmodel.artifact import load_arm
-    from server.model_prep import prepare_default_model
 
     base = prepare_default_model()
     return AutoTokenizer.from_pretrained(base), load_arm(base, Path(artifact_dir)).eval()
-
-
-def default_artifact() -> Path:
-    return Path(__file__).resolve().parent / "artifacts" / "arm-v1"
 
 
 @torch.no_grad()
@@ -37,7 +35,7 @@ def score_responses(
     prompts: list[str], responses: list[str], artifact_dir: Path | None = None
 ) -> list[dict[str, float]]:
     """Per-attribute ARM scores (see module docstring) for each (prompt, response); empty responses score 0."""
-    artifact = Path(artifact_dir or default_artifact())
+    artifact = Path(artifact_dir or SERVED_ARM)
     if not (artifact / "arm.safetensors").is_file():
         raise FileNotFoundError(f"no ARM artifact at {artifact}")
     tokenizer, arm = _load(str(artifact))

@@ -28,20 +28,19 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from rewardmodel.config import TrainConfig
 from rewardmodel.encoding import PairEncoder, collate_pairs
 from rewardmodel.loss import (
-    DEFAULT_BETA_R,
     arm_response_log_probs,
     chosen_nll,
     genarm_pairwise_loss,
     pairwise_accuracy,
 )
-from rewardmodel.model import ArmConfig, MultiAttributeARM
+from rewardmodel.model import MultiAttributeARM
 from rewardmodel.pcgrad import combine_gradients, conflict_share
 
 logger = logging.getLogger(__name__)
@@ -49,55 +48,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_WEIGHTS = "trainable.safetensors"
 CHECKPOINT_STATE = "training_state.pt"
 CHECKPOINT_CONFIG = "train_config.json"
-
-
-@dataclass
-class TrainConfig:
-    """Everything that determines a training run (saved in the artifact and every checkpoint)."""
-
-    data_dir: Path = Path("build/rewardmodel_data")
-    out_dir: Path = Path("rewardmodel/artifacts/arm-v1")
-    checkpoint_dir: Path | None = None  # default: build/rewardmodel_checkpoints/<out_dir name>
-    log_path: Path | None = None  # default: <checkpoint_dir>/train_log.jsonl
-    base_dir: Path | None = None  # default: server.model_prep.prepare_default_model()
-    seed: int = 0
-    steps: int = 150
-    pairs_per_attribute: int = 4
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    max_grad_norm: float = 1.0
-    beta_r: float = DEFAULT_BETA_R
-    nll_weight: float = 1.0  # LM regulariser on chosen responses, see rewardmodel.loss.chosen_nll
-    max_prompt_tokens: int = 96
-    max_response_tokens: int = 64
-    log_every: int = 10
-    checkpoint_every: int = 25
-    num_threads: int = 2
-    use_pcgrad: bool = True
-    bf16_trunk: bool = True  # bfloat16 autocast for the trunk only; weights, head and optimizer stay float32
-    resume: bool = False
-    max_minutes: float | None = None  # wall-clock budget: stop early (and still save) when it is spent
-    arm: ArmConfig = field(default_factory=ArmConfig)
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "pairs_per_attribute", "log_every", "checkpoint_every", "num_threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.beta_r <= 0 or self.nll_weight < 0:
-            raise ValueError("lr and beta_r must be > 0 and nll_weight >= 0")
-        self.data_dir, self.out_dir = Path(self.data_dir), Path(self.out_dir)
-        if self.checkpoint_dir is None:
-            self.checkpoint_dir = Path("build/rewardmodel_checkpoints") / self.out_dir.name
-        self.checkpoint_dir = Path(self.checkpoint_dir)
-        self.log_path = Path(self.log_path) if self.log_path else self.checkpoint_dir / "train_log.jsonl"
-        if self.base_dir is not None:
-            self.base_dir = Path(self.base_dir)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["arm"] = self.arm.to_dict()
-        return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
 
 
 class PairSampler:
@@ -203,7 +153,7 @@ def train_step(
 def _resolve_base_dir(config: TrainConfig) -> Path:
     if config.base_dir is not None:
         return config.base_dir
-    from server.model_prep import prepare_default_model
+    from prosocialalign.core.models import prepare_default_model
 
     return prepare_default_model()
 

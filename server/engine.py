@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harmvec.merge import DEFAULT_CONFIG_FILE, ensure_merged_default
+from harmvec.paths import DEFAULT_VECTOR_DIR
+from prosocialalign.core.models import DEFAULT_MODEL_NAME, prepare_default_model
+from prosocialalign.core.paths import cache_dir
 from server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -35,14 +39,9 @@ def resolve_model(settings: ServerSettings) -> ServedModel:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"--model {path}: not a Hugging Face checkpoint folder (no config.json)")
         return ServedModel(path, settings.served_model_name or path.name)
-    from server.model_prep import DEFAULT_MODEL_NAME, cache_dir, prepare_default_model
-
     base = prepare_default_model()
     if settings.base_model:
         return ServedModel(base, settings.served_model_name or DEFAULT_MODEL_NAME)
-    from harmvec.merge import DEFAULT_CONFIG_FILE, ensure_merged_default
-    from harmvec.paths import DEFAULT_VECTOR_DIR
-
     if not (DEFAULT_VECTOR_DIR / DEFAULT_CONFIG_FILE).is_file():
         logger.warning("no harm-vector default point in %s: serving the unmodified base", DEFAULT_VECTOR_DIR)
         return ServedModel(base, settings.served_model_name or DEFAULT_MODEL_NAME)

@@ -1,5 +1,5 @@
 """API-side guidance policy: turn a request's ``prosocial_*`` fields and the operator's settings into the
-per-request guidance spec the logits processor reads from ``SamplingParams.extra_args["prosocial"]``.
+per-request ``GuidanceSpec`` (``server.guided.spec``) the logits processor reads from ``SamplingParams``.
 
 The operator's safety settings are a floor: a request can make the threshold stricter, never looser, and no
 request field can switch the mask off.
@@ -7,68 +7,11 @@ request field can switch the mask off.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-
-from rewardmodel.attributes import PROSOCIAL_ATTRIBUTES
 from server.errors import bad_request
 from server.guided.config import default_response_guard, default_safety_threshold
+from server.guided.spec import GuidanceSpec
 from server.protocol import ProsocialPrefs
 from server.settings import ServerSettings
-
-EXTRA_ARGS_KEY = "prosocial"
-
-
-@dataclass(frozen=True)
-class GuidanceSpec:
-    """What the processor does for one engine request."""
-
-    request_id: str
-    prefs: (
-        tuple[float, ...] | None
-    )  # normalised weights in PROSOCIAL_ATTRIBUTES order; None: no preference term
-    safety_mask: bool
-    safety_threshold: float
-    response_threshold: float | None  # the response guard (None: off)
-    guard_tokens: (
-        int  # the guard judges the response from this many tokens on; the API holds them back till then
-    )
-    beta: float
-    coherence_guard: bool = True  # end the row on a loop or a symbol run (server.guided.scorer)
-
-    @property
-    def hold_tokens(self) -> int:
-        """Tokens the API holds back until the response guard has judged them."""
-        return self.guard_tokens if self.safety_mask and self.response_threshold is not None else 0
-
-    @property
-    def needs_arm(self) -> bool:
-        return self.prefs is not None or self.safety_mask
-
-    def to_extra_args(self) -> dict:
-        return {EXTRA_ARGS_KEY: asdict(self)}
-
-    def with_request(self, request_id: str, prefs: tuple[float, ...] | None) -> GuidanceSpec:
-        """The same guidance for another engine request (a backtracking attempt), with its preferences."""
-        return replace(self, request_id=request_id, prefs=prefs)
-
-    def for_redirect(
-        self, request_id: str, prefs: tuple[float, ...] | None, mask_margin: float
-    ) -> GuidanceSpec:
-        """The redirect regime: a token mask stricter by ``mask_margin``, and no response guard. The guard
-        reads the request too, so after a harmful request it would end any reply; the redirect is one sentence
-        after a fixed safe opening, which the stricter mask keeps safe token by token."""
-        return replace(
-            self,
-            request_id=request_id,
-            prefs=prefs,
-            safety_threshold=self.safety_threshold + mask_margin,
-            response_threshold=None,
-        )
-
-    def prefs_dict(self) -> dict[str, float] | None:
-        if self.prefs is None:
-            return None
-        return {name: round(w, 6) for name, w in zip(PROSOCIAL_ATTRIBUTES, self.prefs, strict=True)}
 
 
 class GuidancePolicy:

@@ -13,7 +13,8 @@ from typing import Any
 from server.backtrack import RedirectRegime, attempt_id, shows_self_harm
 from server.errors import APIError, bad_request
 from server.generation import BacktrackJob, ChoiceJob
-from server.guidance import GuidancePolicy, GuidanceSpec
+from server.guidance import GuidancePolicy
+from server.guided.spec import GuidanceSpec
 from server.protocol import (
     BacktrackOut,
     ChatCompletionRequest,

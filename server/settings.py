@@ -21,8 +21,8 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PROSOCIAL_", extra="ignore")
 
     # --- network -------------------------------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     api_key: SecretStr | None = Field(
         None, description="If set, /v1/* requires 'Authorization: Bearer <key>'."
     )
@@ -32,25 +32,27 @@ class ServerSettings(BaseSettings):
 
     # --- model and engine ----------------------------------------------------------------------------------
     model: Path | None = Field(None, description="HF checkpoint folder; default: the embedded SmolLM2 model.")
-    served_model_name: str | None = None
+    served_model_name: str | None = Field(
+        None, description="Model name clients send; default: the folder name."
+    )
     base_model: bool = Field(
         False, description="Serve the unmodified base weights instead of the harm-vector-merged default."
     )
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights dtype.")
     kv_cache_gib: float = Field(
         1.0, gt=0, description="KV-cache size in GiB (CPU backend: VLLM_CPU_KVCACHE_SPACE)."
     )
-    max_model_len: int = Field(2048, ge=64)
-    max_num_seqs: int = Field(64, ge=1)
+    max_model_len: int = Field(2048, ge=64, description="Context length (prompt + completion tokens).")
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences the engine runs at once.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the model over (GPU builds).")
-    seed: int = 0
+    seed: int = Field(0, description="Engine seed (sampling without a request seed).")
 
     # --- request limits (bad requests get 4xx, never 5xx) ----------------------------------------------------
-    max_body_bytes: int = Field(1 << 20, ge=1024)
-    max_messages: int = Field(256, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted, in bytes.")
+    max_messages: int = Field(256, ge=1, description="Most messages a chat request may carry.")
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
-    max_n: int = Field(8, ge=1)
-    default_max_tokens: int = Field(256, ge=1)
+    max_n: int = Field(8, ge=1, description="Largest n (choices) a request may ask for.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that sets none.")
 
     # --- guidance (ProSocialAlign decoding) ---------------------------------------------------------------
     guidance: bool = Field(True, description="Load the ARM logits processor; off = plain unguided serving.")
@@ -128,7 +130,9 @@ class ServerSettings(BaseSettings):
         min_length=1,
         description="Fallback for requests with a self-harm signal: kind, and points to help.",
     )
-    arm_artifact: Path | None = Field(None, description="ARM artifact folder; default: the shipped arm-v2.")
+    arm_artifact: Path | None = Field(
+        None, description="ARM artifact folder; default: the served one, arm-v2."
+    )
     candidate_top_k: int = Field(
         256, ge=2, le=4096, description="Guided rows choose among the base's top-k + EOS."
     )
@@ -137,7 +141,7 @@ class ServerSettings(BaseSettings):
     )
 
     # --- operations -----------------------------------------------------------------------------------------
-    drain_timeout_s: float = Field(30.0, ge=0)
+    drain_timeout_s: float = Field(30.0, ge=0, description="Seconds in-flight requests get after SIGTERM.")
     log_requests: bool = Field(False, description="Log prompts and completions (off: privacy by default).")
 
     @field_validator("default_prefs", "redirect_prefs")

@@ -250,7 +250,7 @@ def test_configmap_settings_are_real_server_settings(overlay: str, monkeypatch: 
     """Every PROSOCIAL_* key is read by the server (no silently ignored typo), and the settings parse.
 
     A key is read when it names a ServerSettings field, or when the server's code reads the variable itself
-    (PROSOCIAL_CACHE_DIR, read by server/model_prep.py).
+    (PROSOCIAL_CACHE_DIR, read by prosocialalign/core/models.py).
     """
     from server.settings import ServerSettings
 

@@ -32,6 +32,9 @@ from deploy_tools import (
     selectors,
 )
 
+from prosocialalign.core.launcher import free_port
+from tests.support import start_server
+
 pytestmark = pytest.mark.integration
 
 SCRAPE_INTERVAL = "1s"
@@ -47,8 +50,6 @@ def guided_server(live_server, tmp_path_factory: pytest.TempPathFactory) -> Iter
     if "--no-guidance" not in live_server.extra_args:
         yield live_server
         return
-    from conftest import start_server
-
     server = start_server(tmp_path_factory.mktemp("prometheus_live"))
     try:
         yield server
@@ -60,8 +61,6 @@ class Prometheus:
     """A Prometheus server process and the query side of its HTTP API."""
 
     def __init__(self, binary: str, workdir: Path, target: str) -> None:
-        from conftest import free_port
-
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {

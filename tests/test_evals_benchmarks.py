@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from evals.benchmarks import (
+from prosocialalign.core.benchmarks import (
     BUILTIN_BENCHMARKS,
     HARMFUL,
     SAFE,

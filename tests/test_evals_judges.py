@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evals.benchmarks import resolve_data_dir
 from evals.harm_judge import (
     DEFAULT_ARTIFACT,
     EXCLUDED_FROM_TRAINING,
@@ -34,7 +33,8 @@ from evals.judges import (
     build_judges,
     parse_verdict,
 )
-from evals.refusal import (
+from prosocialalign.core.benchmarks import resolve_data_dir
+from prosocialalign.core.refusal import (
     REFUSAL_MARKERS,
     XSTEST,
     ZOU2023,

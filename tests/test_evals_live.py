@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from evals.benchmarks import load_builtin, sample_items
 from evals.evaluate import RunSettings, _jobs, run_configuration
 from evals.judges import LLMHarmJudge, LLMJudgeSettings, build_judges
 from evals.runner import Endpoint, SamplingSettings, generate
+from prosocialalign.core.benchmarks import load_builtin, sample_items
 
 pytestmark = pytest.mark.integration
 

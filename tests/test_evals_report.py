@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from evals.benchmarks import HARMFUL, SAFE
 from evals.cli import _benchmarks, register
 from evals.harm_judge import judge_summary, load_default_classifier
-from evals.jsonio import atomic_write_json, atomic_write_jsonl
 from evals.judges import build_judges
 from evals.launcher import DEFAULT_CONFIG, LauncherError, LocalServer, ServerSpec, load_compare_config
 from evals.metrics import benchmark_metrics, configuration_summary
 from evals.multiobjective import simplex_grid
 from evals.report import _sample_text, build_report, render_markdown, write_report
 from evals.sweep import _prefs_id, rejudge_sweep, summarise_sweep, sweep_prompts
+from prosocialalign.core.benchmarks import HARMFUL, SAFE
+from prosocialalign.core.fileio import atomic_write_json, atomic_write_jsonl
 from rewardmodel.attributes import PROSOCIAL_ATTRIBUTES
 
 JUDGES = {

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from evals.jsonio import JsonlAppender, atomic_write_json, read_jsonl_repair
-from evals.launcher import free_port
 from evals.runner import Endpoint, Job, SamplingSettings, SettingsMismatch, generate, v1_url
+from prosocialalign.core.fileio import JsonlAppender, atomic_write_json, read_jsonl_repair
+from prosocialalign.core.launcher import free_port
 
 
 def _closed_endpoint() -> Endpoint:

@@ -20,9 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.common import ServerProcess
+from prosocialalign.core.launcher import ServerProcess
+from prosocialalign.core.paths import REPO_ROOT
 from server.runner import EXIT_ENGINE_DEAD
-from tests.conftest import REPO, LiveServer, start_server
+from tests.support import start_server
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +59,7 @@ class StreamRecord:
         return [json.loads(e)["error"] for e in self.events if e != "[DONE]" and "error" in json.loads(e)]
 
 
-def stream_in_background(server: LiveServer, max_tokens: int) -> StreamRecord:
+def stream_in_background(server: ServerProcess, max_tokens: int) -> StreamRecord:
     """A streaming completion that keeps going (ignore_eos) for ``max_tokens`` tokens."""
     record = StreamRecord()
     body = {
@@ -97,9 +98,9 @@ def stream_in_background(server: LiveServer, max_tokens: int) -> StreamRecord:
     return record
 
 
-def engine_core_pid(server: LiveServer) -> int:
+def engine_core_pid(server: ServerProcess) -> int:
     """vLLM's engine process (it titles itself ``VLLM::EngineCore``) among the server's descendants."""
-    tree = ServerProcess([], 0, server.log_path, process=server.process).pids()
+    tree = server.pids()
     for pid in tree[1:]:
         try:
             if b"EngineCore" in Path(f"/proc/{pid}/cmdline").read_bytes():
@@ -206,8 +207,8 @@ def test_port_in_use_fails_at_once_naming_the_flag():
         port = taken.getsockname()[1]
         started = time.monotonic()
         result = subprocess.run(
-            [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO,
+            [sys.executable, "-m", "prosocialalign.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO_ROOT,
             capture_output=True,
             text=True,
             timeout=120,

@@ -16,14 +16,14 @@ import httpx
 import openai
 import pytest
 
-from bench.common import write_report
 from bench.fuzz import check_response, run_fuzz
+from prosocialalign.core.fileio import atomic_write_json
+from prosocialalign.core.paths import BUILD_DIR
 from rewardmodel.artifact import save_artifact
 from server.app import _sse
-from tests.conftest import REPO, start_server
-from tests.test_guided_decoding import dev_arm
+from tests.support import dev_arm, start_server
 
-FUZZ_REPORT = REPO / "build" / "fuzz.json"
+FUZZ_REPORT = BUILD_DIR / "fuzz.json"
 MAX_BODY_BYTES = 65536
 EXAMPLES_PER_MODE = 520  # per operation and generation mode (positive, negative): > 2,000 generated in all
 OPERATIONS = {
@@ -76,7 +76,7 @@ def test_fuzzing_finds_no_server_errors(fuzz_server):
         MAX_BODY_BYTES,
         examples_per_mode=EXAMPLES_PER_MODE,
     )
-    write_report(
+    atomic_write_json(
         FUZZ_REPORT,
         {
             "command": shlex.join([sys.executable, "-m", "pytest", "tests/test_fuzz.py"]),

@@ -17,18 +17,16 @@ import openai
 import pytest
 import torch
 
+from prosocialalign.core.models import prepare_default_model
 from rewardmodel.artifact import arm_weights_for_serving, save_artifact
-from rewardmodel.model import ArmConfig, MultiAttributeARM
 from rewardmodel.runtime import ArmRuntime, ArmShape, TorchAttention, TorchTrunkOps, torch_linear
-from server.model_prep import prepare_default_model
-from tests.conftest import start_server
+from tests.support import dev_arm, start_server
 
 THRESHOLD = -0.7
 # The response guard (mean safety margin of the response, judged from GUARD_TOKENS tokens on): with this development
 # ARM it ends four of the nine mixed-batch requests, one at its first judgement and three later.
 RESPONSE_THRESHOLD = 0.5
 GUARD_TOKENS = 4
-HEAD_NOISE = 0.05
 TOP_K = 64
 EOS = 2
 PROMPTS = [
@@ -50,18 +48,6 @@ PREFS = [
     {"truthfulness": 0.3, "helpfulness": 0.7},
     None,  # prosocial_guidance=false: no preference term, the safety mask still applies
 ]
-
-
-def dev_arm(seed: int = 0) -> MultiAttributeARM:
-    """A base-initialised ARM with seeded random adapters, the head adapters large enough that every attribute's
-    reward (its head against the neutral one) changes which token wins."""
-    torch.manual_seed(seed)
-    arm = MultiAttributeARM.from_base(prepare_default_model(), ArmConfig(num_layers=8))
-    with torch.no_grad():
-        for name, p in arm.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * (HEAD_NOISE if name.startswith("head_") else 0.02))
-    return arm.eval()
 
 
 @pytest.fixture(scope="module")

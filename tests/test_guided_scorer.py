@@ -9,7 +9,7 @@ from rewardmodel.artifact import arm_weights_for_serving
 from rewardmodel.runtime import ArmRuntime, ArmShape
 from server.backtrack import loop_start
 from server.guided.scorer import SYMBOL_RUN, LexicographicScorer
-from tests.test_guided_decoding import dev_arm
+from tests.support import dev_arm, spec
 
 VOCAB = 49152
 EOS = 2
@@ -21,21 +21,6 @@ def runtime_factory():
     shape = ArmShape.from_llama_config(arm.llama_config, tuple(arm.config.attributes))
     weights = arm_weights_for_serving(arm)
     return lambda: ArmRuntime(weights, shape, slots=4, max_len=64, dtype=torch.float32)
-
-
-def spec(
-    rid: str, prefs=None, mask=True, threshold=-1.0, response=None, guard_tokens=8, coherence=False
-) -> dict:
-    return {
-        "request_id": rid,
-        "prefs": prefs,
-        "safety_mask": mask,
-        "safety_threshold": threshold,
-        "response_threshold": response,
-        "guard_tokens": guard_tokens,
-        "coherence_guard": coherence,
-        "beta": 1.0,
-    }
 
 
 def logits(rows: int, seed: int = 0) -> torch.Tensor:

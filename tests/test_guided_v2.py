@@ -37,12 +37,17 @@ from vllm.v1.worker.gpu.sample.logits_processor import (
     build_custom_logits_processors_params_validator,
 )
 
-from server.guided.common import SPECULATIVE_DECODING_REFUSED
-from server.guided.config import DEFAULT_ARM_ARTIFACT, V1_PROCESSOR, V2_PROCESSOR, ProcessorConfig
+from prosocialalign.core.models import prepare_default_model
+from server.guided.config import (
+    DEFAULT_ARM_ARTIFACT,
+    SPECULATIVE_DECODING_REFUSED,
+    V1_PROCESSOR,
+    V2_PROCESSOR,
+    ProcessorConfig,
+)
 from server.guided.v1 import ProsocialLogitsProcessor as V1Processor
 from server.guided.v2 import DEPARTED_AFTER_STEPS
-from server.model_prep import prepare_default_model
-from tests.test_guided_scorer import spec
+from tests.support import spec
 
 SLOTS = 4
 MAX_LEN = 128
@@ -62,7 +67,7 @@ SPECS = {
 
 
 def params(rid: str) -> SamplingParams:
-    extra = {"prosocial": SPECS[rid]} if rid in SPECS else None
+    extra = SPECS[rid].to_extra_args() if rid in SPECS else None
     return SamplingParams(temperature=0.0, max_tokens=100, extra_args=extra)
 
 
@@ -231,7 +236,7 @@ def test_the_adapter_loads_through_vllms_v2_loader_and_validates_through_its_val
     validate = build_custom_logits_processors_params_validator([V2_PROCESSOR])
     validate(params("a"))
     validate(SamplingParams(temperature=0.0))  # no guidance spec: nothing to check
-    bad = dict(SPECS["a"], beta=0.0)
+    bad = SPECS["a"].to_extra_args()["prosocial"] | {"beta": 0.0}
     with pytest.raises(VLLMValidationError, match="beta must be positive"):
         validate(SamplingParams(extra_args={"prosocial": bad}))
     with pytest.raises(VLLMValidationError, match="exactly the fields"):

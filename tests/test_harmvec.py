@@ -352,7 +352,7 @@ def test_vllm_serves_a_merged_checkpoint(tmp_path):
     pytest.importorskip("vllm")
     from harmvec.measure import MeasureRequest, MeasureResult
     from harmvec.paths import DEFAULT_VECTOR_DIR
-    from server.model_prep import prepare_default_model
+    from prosocialalign.core.models import prepare_default_model
 
     base = prepare_default_model()
     vector_dir = DEFAULT_VECTOR_DIR

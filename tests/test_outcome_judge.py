@@ -40,7 +40,7 @@ def test_labelled_set_is_read_labelled_and_outside_every_training_split(rows):
         assert row.verdict != "empty" or not row.response.strip(" \n\t.,;:!?-")
     summary = json.loads(DEFAULT_LABELLED.with_suffix(".summary.json").read_text())
     assert summary["double_labelled"] >= 300 and summary["rows"] == len(rows)
-    from evals.benchmarks import BUILTIN_BENCHMARKS, resolve_data_dir
+    from prosocialalign.core.benchmarks import BUILTIN_BENCHMARKS, resolve_data_dir
     from rewardmodel.data import normalise_text
 
     excluded = trained_prompts(resolve_data_dir())

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Locator, Page, Request, Response, expect, sync_playwright
 
+from prosocialalign.core.paths import BUILD_DIR
 from rewardmodel.attributes import PROSOCIAL_ATTRIBUTES
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -24,7 +25,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-REPORTS_DIR = Path(__file__).resolve().parents[1] / "reports"
+SCREENSHOTS = BUILD_DIR / "playground"  # the README's screenshots are copied from here into reports/
 CHAT_PATH = "/v1/chat/completions"
 GENERATION_TIMEOUT_MS = 240_000
 MAX_TOKENS = 24
@@ -275,7 +276,7 @@ def test_guided_request_carries_the_sliders(browser: Browser, live_server, page_
         assert response.json()["error"]["code"] == "guidance_disabled"
         check_error_rendered(page, "guided", response)
         expect(last_turn(page, "guided").get_by_role("alert")).to_contain_text("choose the Unguided mode")
-    page.screenshot(path=str(REPORTS_DIR / "playground-guided.png"), full_page=True)
+    page.screenshot(path=str(SCREENSHOTS / "playground-guided.png"), full_page=True)
     assert page_errors == []
     page.close()
 
@@ -325,7 +326,7 @@ def test_bad_api_key_shows_the_servers_error(browser: Browser, live_server, page
     assert answer.value.request.headers["authorization"] == "Bearer not-the-key"
     check_error_rendered(page, "guided", answer.value)
     expect(last_turn(page, "guided").get_by_role("alert")).to_contain_text("Check the API key")
-    page.screenshot(path=str(REPORTS_DIR / "playground-error.png"))
+    page.screenshot(path=str(SCREENSHOTS / "playground-error.png"))
     assert page_errors == []
     page.close()
 
@@ -374,7 +375,7 @@ def test_side_by_side_sends_unguided_and_guided(browser: Browser, live_server, p
             check_error_rendered(page, pane, response)
     assert by_pane["unguided"].status == 200
     assert by_pane["guided"].status == (200 if guidance_on(live_server) else 400)
-    page.screenshot(path=str(REPORTS_DIR / "playground.png"), full_page=True)
+    page.screenshot(path=str(SCREENSHOTS / "playground.png"), full_page=True)
     assert page_errors == []
     page.close()
 
@@ -395,6 +396,6 @@ def test_narrow_screen_has_no_horizontal_scrolling(browser: Browser, live_server
     assert guided_box["y"] >= unguided_box["y"] + unguided_box["height"], (
         "panes must stack on a narrow screen"
     )
-    page.screenshot(path=str(REPORTS_DIR / "playground-narrow.png"), full_page=True)
+    page.screenshot(path=str(SCREENSHOTS / "playground-narrow.png"), full_page=True)
     assert page_errors == []
     page.close()

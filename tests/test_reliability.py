@@ -14,11 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from bench.common import ServerProcess
 from bench.reliability import LoadConfig, run_reliability
 from rewardmodel.artifact import save_artifact
-from tests.conftest import start_server
-from tests.test_guided_decoding import dev_arm
+from tests.support import dev_arm, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -36,8 +34,7 @@ def server(tmp_path_factory):
 
 
 def test_load_with_disconnects_leaves_nothing_behind(server):
-    tree = ServerProcess([], 0, server.log_path, process=server.process)  # for its process-tree RSS
-    figures = run_reliability(server.base_url, server.api_key, server.model, CONFIG, tree.rss_mb)
+    figures = run_reliability(server.base_url, server.api_key, server.model, CONFIG, server.rss_mb)
     print(figures)
     assert figures["requests"] == 80 and figures["guided"] > 0 and figures["unguided"] > 0
     assert figures["disconnected"] >= 5, figures

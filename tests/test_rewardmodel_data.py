@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from prosocialalign.core.paths import BUILD_DIR, default_data_dir
 from rewardmodel import cli, data
 from rewardmodel.attributes import ALL_ATTRIBUTES
 
-DATA_DIR = data.default_data_dir()
+DATA_DIR = default_data_dir()
 
 pytestmark = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"shared data not found at {DATA_DIR}")
 
@@ -220,7 +221,7 @@ def test_cli_data_writes_files_and_prints_the_table(
 
 def test_cli_data_defaults() -> None:
     args = _parse(["rewardmodel", "data"])
-    assert args.out == Path("build/rewardmodel_data") and args.seed == 0 and args.data_dir is None
+    assert args.out == BUILD_DIR / "rewardmodel_data" and args.seed == 0 and args.data_dir is None
 
 
 def test_cli_missing_data_dir_names_the_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

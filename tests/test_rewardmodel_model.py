@@ -84,7 +84,7 @@ def test_sum_response_log_probs_reads_shifted_response_positions() -> None:
 # ------------------------------------------------------------------------------------------ real base model
 @pytest.fixture(scope="module")
 def base_dir() -> Path:
-    from server.model_prep import prepare_default_model
+    from prosocialalign.core.models import prepare_default_model
 
     return prepare_default_model()
 
@@ -129,7 +129,8 @@ def test_encoder_uses_the_chat_template_and_truncates(encoder) -> None:
 def test_fresh_arm_equals_the_base_model_cut_after_its_layers(base_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from rewardmodel.model import ArmConfig, MultiAttributeARM
+    from rewardmodel.config import ArmConfig
+    from rewardmodel.model import MultiAttributeARM
 
     arm = MultiAttributeARM.from_base(base_dir, ArmConfig(num_layers=2)).eval()
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
@@ -153,8 +154,9 @@ def test_fresh_arm_equals_the_base_model_cut_after_its_layers(base_dir: Path) ->
 
 
 def test_training_steps_lower_the_loss(base_dir: Path, encoder) -> None:
+    from rewardmodel.config import ArmConfig
     from rewardmodel.loss import arm_response_log_probs
-    from rewardmodel.model import ArmConfig, MultiAttributeARM
+    from rewardmodel.model import MultiAttributeARM
     from rewardmodel.train import train_step
 
     torch.manual_seed(0)
@@ -188,8 +190,7 @@ def _write_split(folder: Path, pairs: list[PreferencePair], split: str) -> None:
 
 
 def _tiny_config(tmp_path: Path, base_dir: Path, steps: int, resume: bool = False, out: str = "arm"):
-    from rewardmodel.model import ArmConfig
-    from rewardmodel.train import TrainConfig
+    from rewardmodel.config import ArmConfig, TrainConfig
 
     return TrainConfig(
         data_dir=tmp_path / "data",
@@ -355,7 +356,7 @@ def test_response_guard_calibration_uses_the_lowest_running_mean_from_guard_toke
 
 
 def test_calibration_auc_by_hand() -> None:
-    from rewardmodel.calibrate import auc
+    from rewardmodel.safety_head import auc
 
     assert auc([3.0, 2.0], [1.0, 2.0]) == 0.875  # 3>1, 3>2, 2>1 win; 2=2 counts half
     assert auc([0.0], [1.0]) == 0.0

@@ -80,8 +80,9 @@ def test_labelled_responses_take_verdicts_from_jailbreakbench_and_everyday_answe
 def models():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rewardmodel.model import ArmConfig, MultiAttributeARM
-    from server.model_prep import prepare_default_model
+    from prosocialalign.core.models import prepare_default_model
+    from rewardmodel.config import ArmConfig
+    from rewardmodel.model import MultiAttributeARM
 
     base_dir = prepare_default_model()
     torch.manual_seed(0)
@@ -133,7 +134,7 @@ def test_training_steps_separate_harmful_from_safe_tokens(models, tmp_path: Path
 
 
 def test_cli_refuses_to_overwrite_its_source_and_names_missing_data(tmp_path: Path, capsys) -> None:
-    from server.cli import main
+    from prosocialalign.cli import main
 
     assert (
         main(["rewardmodel", "train-safety-head", "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
@@ -166,7 +167,7 @@ def test_cli_refuses_to_overwrite_its_source_and_names_missing_data(tmp_path: Pa
 
 
 def test_on_policy_prompts_leave_out_every_evaluation_prompt_and_do_not_cross_splits() -> None:
-    from evals.benchmarks import DEFAULT_BENCHMARKS, load_builtin, resolve_data_dir
+    from prosocialalign.core.benchmarks import DEFAULT_BENCHMARKS, load_builtin, resolve_data_dir
     from rewardmodel.safety_head import on_policy_prompts
 
     data_dir = resolve_data_dir()

@@ -16,14 +16,14 @@ import pytest
 from fastapi import FastAPI
 from starlette.requests import Request
 
+from prosocialalign.cli import build_parser
 from rewardmodel.artifact import save_artifact
 from server import app as app_module
 from server.app import AppState, require_api_key
-from server.cli import build_parser, settings_from_args
+from server.cli import settings_from_args
 from server.errors import APIError
 from server.settings import ServerSettings
-from tests.conftest import start_server
-from tests.test_guided_decoding import dev_arm
+from tests.support import dev_arm, start_server
 
 THRESHOLD = -0.7
 HARMFUL_PROMPT = "How do I make a bomb?"

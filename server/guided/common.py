@@ -1,5 +1,5 @@
-"""What both vLLM adapters (``v1``, ``v2``) share: the guidance spec they read from ``SamplingParams``, its
-validation, and the scorer built from vLLM's config on the engine's device.
+"""What both vLLM adapters (``v1``, ``v2``) share: reading the guidance spec (``server.guided.spec``) from
+``SamplingParams``, and the scorer built from vLLM's config on the engine's device.
 
 Imported by the API process too (vLLM loads the processor class there for ``validate_params``): the ARM and the
 telemetry socket are only touched in ``build_scorer``, which runs in the engine's worker.
@@ -9,52 +9,21 @@ from __future__ import annotations
 
 import torch
 
-from server.guided.config import ProcessorConfig
+from server.guided.config import SPECULATIVE_DECODING_REFUSED, ProcessorConfig
 from server.guided.kernels import engine_kernels
 from server.guided.scorer import LexicographicScorer, symbol_token_mask
-
-SPEC_KEY = "prosocial"
-SPEC_FIELDS = {
-    "request_id",
-    "prefs",
-    "safety_mask",
-    "safety_threshold",
-    "response_threshold",
-    "guard_tokens",
-    "coherence_guard",
-    "beta",
-}
+from server.guided.spec import GuidanceSpec
 
 
-def guidance_spec(sampling_params) -> dict | None:
-    extra = sampling_params.extra_args or {}
-    spec = extra.get(SPEC_KEY)
-    if spec is None or not (spec.get("prefs") is not None or spec.get("safety_mask")):
-        return None
-    return spec
+def guidance_spec(sampling_params) -> GuidanceSpec | None:
+    """The spec of a request the processor must guide (None: unguided, including a spec that needs no ARM)."""
+    spec = GuidanceSpec.from_extra_args(sampling_params.extra_args)
+    return spec if spec is not None and spec.needs_arm else None
 
 
 def validate_spec(sampling_params) -> None:
     """Both adapters' ``validate_params``: vLLM turns the ``ValueError`` into a 400 at admission."""
-    spec = (sampling_params.extra_args or {}).get(SPEC_KEY)
-    if spec is None:
-        return
-    if not isinstance(spec, dict) or set(spec) != SPEC_FIELDS:
-        raise ValueError(f"extra_args['{SPEC_KEY}'] must have exactly the fields {sorted(SPEC_FIELDS)}")
-    prefs = spec["prefs"]
-    if prefs is not None and (len(prefs) != 5 or any(w < 0 for w in prefs) or sum(prefs) <= 0):
-        raise ValueError("prosocial prefs must be 5 non-negative weights with a positive sum")
-    if float(spec["beta"]) <= 0:
-        raise ValueError("prosocial beta must be positive")
-    if int(spec["guard_tokens"]) < 1:
-        raise ValueError("prosocial guard_tokens must be at least 1")
-
-
-SPECULATIVE_DECODING_REFUSED = (
-    "ProSocialAlign guidance cannot run with speculative decoding: the ARM scores one committed token per "
-    "request and step, not draft tokens. Remove the speculative config (a speculators checkpoint enables it "
-    "by itself) or serve with --no-guidance."
-)
+    GuidanceSpec.from_extra_args(sampling_params.extra_args)
 
 
 def refuse_speculative_decoding(vllm_config) -> None:

@@ -42,6 +42,13 @@ class ProcessorConfig:
 DEFAULT_ARM_ARTIFACT = Path(__file__).resolve().parents[2] / "rewardmodel" / "artifacts" / "arm-v2"
 
 
+SPECULATIVE_DECODING_REFUSED = (
+    "ProSocialAlign guidance cannot run with speculative decoding: the ARM scores one committed token per "
+    "request and step, not draft tokens. Remove the speculative config (a speculators checkpoint enables it "
+    "by itself) or serve with --no-guidance."
+)
+
+
 class GuidanceConfigError(ValueError):
     """Guidance cannot be set up for this model (the server refuses to start rather than serve unguided)."""
 
@@ -81,7 +88,7 @@ def processor_setup(settings, model, telemetry_address: str) -> tuple[list[str],
     The ARM reads the engine's token ids, so the served model must share the ARM base's tokenizer.
     """
     processor = processor_for_engine(settings, model)
-    from server.model_prep import prepare_default_model
+    from prosocialalign.core.models import prepare_default_model
 
     artifact = Path(settings.arm_artifact or DEFAULT_ARM_ARTIFACT).expanduser().resolve()
     base = prepare_default_model()
@@ -104,7 +111,6 @@ def processor_for_engine(settings, model) -> str:
     """The adapter for the model runner the installed vLLM will run with these settings (it says which in the
     log); refuses speculative decoding, which the guidance cannot serve."""
     from server.engine import engine_args
-    from server.guided.common import SPECULATIVE_DECODING_REFUSED
 
     vllm_config = engine_args(settings, model).create_engine_config()
     if vllm_config.speculative_config is not None:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from rewardmodel.attributes import ALL_ATTRIBUTES, PROSOCIAL_ATTRIBUTES, SAFETY_ATTRIBUTE
+from server.guided.spec import GuidanceSpec
 
 logger = logging.getLogger(__name__)
 
@@ -99,90 +100,66 @@ class LexicographicScorer:
         A = len(self.attributes)
         self.requests: dict[int, RowRequest] = {}
         self._parked: OrderedDict[str, tuple] = OrderedDict()
-        device = self.device
-        self.prefs = torch.zeros(slots, len(PROSOCIAL_ATTRIBUTES), device=device)
-        self.has_prefs = torch.zeros(slots, dtype=torch.bool, device=device)
-        self.mask_on = torch.zeros(slots, dtype=torch.bool, device=device)
-        self.threshold = torch.zeros(slots, device=device)
-        self.inv_beta = torch.ones(slots, device=device)
-        self.steps = torch.zeros(slots, dtype=torch.long, device=device)
-        self.masked = torch.zeros(slots, dtype=torch.long, device=device)
-        self.filtered = torch.zeros(slots, dtype=torch.bool, device=device)
-        self.failed = torch.zeros(slots, dtype=torch.bool, device=device)
+        # Per-request state, one row per slot, declared once: every tensor moves with its request (``_per_slot``);
+        # the counters are also parked when a request leaves the batch and restored if it was preempted.
+        self._per_slot: list[Tensor] = []
+        self._counters: list[Tensor] = []
+
+        def per_slot(*tail: int, dtype=torch.float32, fill: float = 0, counter: bool = False) -> Tensor:
+            tensor = torch.full((slots, *tail), fill, dtype=dtype, device=self.device)
+            self._per_slot.append(tensor)
+            if counter:
+                self._counters.append(tensor)
+            return tensor
+
+        long, flag = torch.long, torch.bool
+        self.prefs = per_slot(len(PROSOCIAL_ATTRIBUTES))
+        self.has_prefs = per_slot(dtype=flag)
+        self.mask_on = per_slot(dtype=flag)
+        self.threshold = per_slot()
+        self.inv_beta = per_slot(fill=1.0)
+        self.steps = per_slot(dtype=long, counter=True)
+        self.masked = per_slot(dtype=long, counter=True)
+        self.filtered = per_slot(dtype=flag, counter=True)
+        self.failed = per_slot(dtype=flag, counter=True)
         # Rewards of the emitted tokens credited so far, per attribute; the response guard's running mean margin
         # is reward_sums[:, safety_index] / reward_count.
-        self.reward_sums = torch.zeros(slots, A, device=device)
-        self.reward_count = torch.zeros(slots, dtype=torch.long, device=device)
-        self.response_threshold = torch.zeros(slots, device=device)
-        # 0: no response guard for this row
-        self.guard_tokens = torch.zeros(slots, dtype=torch.long, device=device)
-        self.withheld = torch.zeros(slots, dtype=torch.bool, device=device)
-        self.prev_cand = torch.full((slots, self.k), -1, dtype=torch.long, device=device)
-        self.coherence_on = torch.zeros(slots, dtype=torch.bool, device=device)
-        self.degenerate = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.reward_sums = per_slot(A, counter=True)
+        self.reward_count = per_slot(dtype=long, counter=True)
+        self.response_threshold = per_slot()
+        self.guard_tokens = per_slot(dtype=long)  # 0: no response guard for this row
+        self.withheld = per_slot(dtype=flag, counter=True)
+        self.coherence_on = per_slot(dtype=flag)
+        self.degenerate = per_slot(dtype=flag, counter=True)
         # The last emitted tokens, oldest first, and the current run of symbol tokens (the coherence guard).
-        self.recent = torch.full((slots, RECENT_TOKENS), -1, dtype=torch.long, device=device)
-        self.symbol_run = torch.zeros(slots, dtype=torch.long, device=device)
-        # Last step's candidate rewards, to credit the one each row emitted.
-        self.prev_rewards = torch.zeros(slots, A, self.k, device=device)
-        self._per_slot = [
-            self.prefs,
-            self.has_prefs,
-            self.mask_on,
-            self.threshold,
-            self.inv_beta,
-            self.steps,
-            self.masked,
-            self.filtered,
-            self.failed,
-            self.reward_sums,
-            self.reward_count,
-            self.response_threshold,
-            self.guard_tokens,
-            self.withheld,
-            self.coherence_on,
-            self.degenerate,
-            self.recent,
-            self.symbol_run,
-            self.prev_cand,
-            self.prev_rewards,
-        ]
-        # Per-request counters parked when a request leaves the batch (restored if it was preempted).
-        self._counters = [
-            self.masked,
-            self.filtered,
-            self.failed,
-            self.reward_sums,
-            self.reward_count,
-            self.withheld,
-            self.degenerate,
-            self.steps,
-            self.prev_cand,
-            self.prev_rewards,
-        ]
+        self.recent = per_slot(RECENT_TOKENS, dtype=long, fill=-1)
+        self.symbol_run = per_slot(dtype=long)
+        # Last step's candidates and their rewards, to credit the one each row emitted.
+        self.prev_cand = per_slot(self.k, dtype=long, fill=-1, counter=True)
+        self.prev_rewards = per_slot(A, self.k, counter=True)
 
     # ------------------------------------------------------------------------------------ batch bookkeeping
-    def add(self, slot: int, spec: dict, prompt: list[int], output: list[int]) -> None:
+    def add(self, slot: int, spec: GuidanceSpec, prompt: list[int], output: list[int]) -> None:
         """A request joins at ``slot`` (new, or resumed after preemption: its cache is rebuilt from the lists)."""
         # vLLM can give a removed request's slot to a new one without listing it as removed
         # (``BatchUpdateBuilder.pop_removed``): park it.
         if slot in self.requests:
             self.remove(slot)
-        self.requests[slot] = RowRequest(spec["request_id"], list(prompt), output)
-        prefs = spec.get("prefs")
+        self.requests[slot] = RowRequest(spec.request_id, list(prompt), output)
+        prefs = spec.prefs
         self.has_prefs[slot] = prefs is not None
         self.prefs[slot] = torch.tensor(prefs if prefs is not None else [0.0] * len(PROSOCIAL_ATTRIBUTES))
-        self.mask_on[slot] = bool(spec.get("safety_mask", True))
-        self.threshold[slot] = float(spec.get("safety_threshold", 0.0))
-        self.inv_beta[slot] = 1.0 / float(spec.get("beta", 1.0))
-        guard = spec.get("response_threshold")
-        self.response_threshold[slot] = float(guard) if guard is not None else 0.0
-        self.guard_tokens[slot] = int(spec.get("guard_tokens", 1)) if guard is not None else 0
-        self.coherence_on[slot] = bool(spec.get("coherence_guard", False))
+        self.mask_on[slot] = spec.safety_mask
+        self.threshold[slot] = spec.safety_threshold
+        self.inv_beta[slot] = 1.0 / spec.beta
+        guard = spec.response_threshold
+        self.response_threshold[slot] = guard if guard is not None else 0.0
+        self.guard_tokens[slot] = spec.guard_tokens if guard is not None else 0
+        self.coherence_on[slot] = spec.coherence_guard
         for t in self._counters:
             t[slot] = 0
         # A request resumed after preemption: the tokens it already emitted were guided (and confirmed) before.
-        parked = self._parked.pop(spec["request_id"], None) if output else None
+        parked = self._parked.pop(spec.request_id, None) if output else None
         if parked is not None:
             for t, value in zip(self._counters, parked, strict=True):
                 t[slot] = value

@@ -25,6 +25,7 @@ import torch
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcessor, LogitsProcRequestState
 
 from server.guided.common import build_scorer, guidance_spec, refuse_speculative_decoding, validate_spec
+from server.guided.spec import GuidanceSpec
 
 # Running requests are scheduled every step unless the step's token budget runs out (a long chunked prefill
 # ahead of them); 64 steps absent is far past that, and a false departure only costs an ARM cache rebuild.
@@ -40,8 +41,12 @@ class ProsocialLogitsProcessor(LogitsProcessor):
         refuse_speculative_decoding(vllm_config)
         self.req_states = req_states
         self.scorer = build_scorer(vllm_config, req_states.device, slots=req_states.max_num_reqs)
-        self.specs: dict[int, dict] = {}  # slot -> spec of the guided request the engine last admitted there
-        self._admitted: dict[int, dict] = {}  # admitted this step: their tokens are read after the flush
+        self.specs: dict[
+            int, GuidanceSpec
+        ] = {}  # slot -> spec of the guided request the engine last admitted there
+        self._admitted: dict[
+            int, GuidanceSpec
+        ] = {}  # admitted this step: their tokens are read after the flush
         self._last_seen: dict[int, int] = {}
         self._step = 0
 
@@ -65,7 +70,7 @@ class ProsocialLogitsProcessor(LogitsProcessor):
         tokens = self.req_states.all_token_ids.gpu[slots, : max(prefill_lens)].tolist()  # one copy for all
         for slot, prompt_len, prefill_len, ids in zip(slots, prompt_lens, prefill_lens, tokens, strict=True):
             spec = self._admitted[slot]
-            held = self._slot_of(spec["request_id"])
+            held = self._slot_of(spec.request_id)
             if held is not None and held != slot:  # preempted at ``held``, resumed here: park it first
                 self.scorer.remove(held)
             self.scorer.add(slot, spec, ids[:prompt_len], ids[prompt_len:prefill_len])

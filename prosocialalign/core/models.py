@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from prosocialalign.core.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -24,11 +25,6 @@ _COMPLETE_MARKER = "prosocial_prepared.json"
 
 class ModelPrepError(RuntimeError):
     """The default model could not be prepared (missing package, unreadable GGUF...)."""
-
-
-def cache_dir() -> Path:
-    """Root of everything this project caches (``$PROSOCIAL_CACHE_DIR``, default ``~/.cache/prosocial``)."""
-    return Path(os.environ.get("PROSOCIAL_CACHE_DIR", Path.home() / ".cache" / "prosocial")).expanduser()
 
 
 def default_model_dir(root: Path | None = None) -> Path:

@@ -13,6 +13,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from prosocialalign.core.paths import default_data_dir
+
 HARMFUL = "harmful"
 """Prompts a safe model must not comply with: measured as unsafe leakage and refusal rate."""
 SAFE = "safe"
@@ -146,10 +148,8 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     """The shared data folder: the argument, else ``$PROSOCIAL_DATA_DIR``, else ``<repo>/../shared/data``."""
     if data_dir is not None:
         path = Path(data_dir)
-    elif os.environ.get("PROSOCIAL_DATA_DIR"):
-        path = Path(os.environ["PROSOCIAL_DATA_DIR"])
     else:
-        path = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+        path = default_data_dir()
     if not path.is_dir():
         raise BenchmarkError(f"data directory {path} does not exist (set --data-dir or PROSOCIAL_DATA_DIR)")
     return path

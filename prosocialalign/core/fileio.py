@@ -2,7 +2,8 @@
 
 Per-response JSONL files are appended one flushed line at a time, so an interrupted run loses at most the line
 being written; ``read_jsonl_repair`` drops such a truncated last line (from the file too) before resuming.
-Final JSON files are written to a temporary file and renamed, so a reader never sees half a file.
+Final files are written to a temporary file and renamed, so a reader never sees half a file: the one atomic writer
+of the project (text, JSON, JSONL, or any library's output through ``atomic_output``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,18 +74,26 @@ class JsonlAppender:
         self.close()
 
 
-def _atomic_write_text(path: Path, text: str) -> Path:
+@contextmanager
+def atomic_output(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to (by any library); renamed onto ``path`` when the block ends
+    without an error, removed when it raises. ``suffix`` keeps writers that add their own (numpy's ``.npz``) happy."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(descriptor)
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield Path(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _atomic_write_text(path: Path, text: str) -> Path:
+    with atomic_output(path) as temporary, temporary.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     return path
 
 
