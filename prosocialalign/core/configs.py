@@ -67,6 +67,7 @@ def add_config_arguments(
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = field.metadata.get("type") or (Path if annotation is Path else annotation)
+            kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()
             if "choices" in field.metadata:
                 kwargs["choices"] = field.metadata["choices"]
         help_text = field.metadata.get("help", "")
