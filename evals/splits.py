@@ -13,7 +13,7 @@ from pathlib import Path
 
 from evals.benchmarks import BUILTIN_BENCHMARKS, SPLITS, Benchmark, BenchmarkError, resolve_data_dir
 from evals.harm_judge import load_training_examples
-from harmvec.data import load_build_examples
+from harmvec.data import load_build_examples, load_contrastive_pairs
 from rewardmodel.data import normalise_text, split_for_prompt
 
 
@@ -32,9 +32,11 @@ def prompt_split(prompt: str, trained_on: bool) -> str | None:
 
 @functools.cache
 def trained_prompts(data_dir: Path) -> frozenset[str]:
-    """Normalised prompts the harm judges are trained on and the harm vector is built from."""
+    """Normalised prompts the harm judges are trained on and the harm vectors are built from (v1's harmful chats
+    and the contrastive recipe's pairs)."""
     prompts = [example.prompt for example in load_training_examples(data_dir)]
     prompts += [example.prompt for example in load_build_examples(data_dir)]
+    prompts += [pair.prompt for pair in load_contrastive_pairs(data_dir)]
     return frozenset(normalise_text(prompt) for prompt in prompts)
 
 
