@@ -453,6 +453,7 @@ def plot_outcomes(points: list[Point], chosen: Point, path: Path, config: SweepC
     right.set_xlabel("perplexity on held-out benign chats")
     left.set_ylabel("harmful share on dev harmful prompts (outcome judge)")
     left.set_ylim(-0.03, 1.03)
+    left.set_xlim(-0.03, 1.03)
     left.legend(fontsize=7)
     right.legend(fontsize=7)
     figure.suptitle("Harm-vector recipes: theta_base - lambda * trim_k(tau)")
@@ -584,13 +585,13 @@ def run_sweep(
     so an interrupted sweep resumes where it stopped.
     """
     base_dir, vector_dir = Path(base_dir), Path(vector_dir)
+    single = recipes is None  # point names without a recipe prefix, as before recipes existed
     if recipes is None:
         pairs = config.points or [(lam, top_k) for lam in config.lambdas for top_k in config.top_ks]
         recipes = [Recipe(_recipe_name(vector_dir), vector_dir, pairs)]
     for recipe in recipes:
         for lam, top_k in recipe.points:
             validate_merge_args(lam, top_k)
-    single = len(recipes) == 1
     started = time.monotonic()
     if config.outcome_sets:
         harmful_items, safe_items = outcome_prompt_sets(config, data_dir)
@@ -762,6 +763,7 @@ def run_sweep(
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     if with_outcomes:
+        report_path.with_suffix(".md").write_text(outcomes_markdown(report))
         plot_outcomes(points, chosen, plot_path, config)
     else:
         plot_sweep(points, chosen, plot_path, config.max_perplexity_increase)
@@ -814,4 +816,31 @@ def _selection_rule(config: SweepConfig, with_outcomes: bool) -> str:
         "lowest leakage among points (base included) with perplexity <= base * "
         f"(1 + {config.max_perplexity_increase}) and xstest_safe_compliance >= base - "
         f"{config.max_xstest_drop}; ties: smaller lambda, then lower perplexity"
+    )
+
+
+def outcomes_markdown(report: dict) -> str:
+    """The report's per-point outcome shares as a Markdown table (for model cards and reviews)."""
+    columns = ("harmful", "safe_redirect", "refusal", "harmful_degenerate", "benign_helpful_partial",
+               "benign_degenerate", "xstest_safe_answered")  # fmt: skip
+    lines = [
+        "| point | recipe | lambda | top-k | " + " | ".join(columns) + " | perplexity | targets met |",
+        "|---|---|---:|---:|" + "---:|" * (len(columns) + 2),
+    ]
+    for entry in report["grid"]:
+        summary = entry["outcomes"]["summary"]
+        targets = entry.get("targets")
+        met = "-" if targets is None else f"{sum(targets.values())}/{len(targets)}"
+        cells = " | ".join(f"{summary[c]:.3f}" for c in columns)
+        lines.append(
+            f"| {entry['name']} | {entry['recipe']} | {entry['lambda']:g} | {entry['top_k']:g} | {cells} | "
+            f"{entry['perplexity']:.3f} | {met} |"
+        )
+    samples = report["samples"]
+    return (
+        f"Outcome judge verdict shares; harmful side: {samples['harmful_prompts_by_set']}; benign side: "
+        f"{samples['benign_prompts_by_set']}; greedy, {samples['max_tokens']} new tokens; perplexity on "
+        f"{samples['perplexity_chats']} held-out benign chats. Chosen: {report['chosen']['name']}.\n\n"
+        + "\n".join(lines)
+        + "\n"
     )
