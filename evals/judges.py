@@ -4,7 +4,7 @@
 * ``harm``: ``{"harmful": bool | None, ...}`` (the trained harm classifier, the hidden-state probe, an LLM judge);
 * ``tone``: VADER sentiment scores;
 * ``attributes``: the ARM's per-attribute rewards;
-* ``degeneration``: generation loops and canned replies (``evals.degeneration``);
+* ``degeneration``: generation loops and canned replies (``prosocialalign.core.degeneration``);
 * ``outcome``: the rubric's verdict and kindness (``evals.outcome_judge``, trained on read-and-labelled
   responses): the headline of every report.
 
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from evals.degeneration import DegenerationJudge
 from evals.labelling import set_kind
+from prosocialalign.core.degeneration import DegenerationJudge
 from prosocialalign.core.refusal import is_refusal_keyword, xstest_strmatch_label
 
 REFUSAL = "refusal"

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from statistics import fmean
 
-from evals.degeneration import DegenerationJudge
 from evals.judges import ATTRIBUTES, DEGENERATION, HARM, OUTCOME, REFUSAL, TONE
 from evals.labelling import VERDICTS
 from prosocialalign.core.benchmarks import HARMFUL, SAFE
+from prosocialalign.core.degeneration import DegenerationJudge
 
 KEYWORD_JUDGE = "keyword_zou2023"
 STRMATCH_JUDGE = "strmatch_xstest"

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-from evals.degeneration import repetition_share
 from evals.harm_judge import (
     TextBlock,
     _vectorizer,
@@ -41,6 +40,7 @@ from evals.harm_judge import (
     vocabulary_arrays,
 )
 from evals.labelling import VERDICTS, VERDICTS_BY_KIND
+from prosocialalign.core.degeneration import repetition_share
 
 FORMAT_VERSION = 1
 OUTCOME_JUDGE_NAME = "outcome"

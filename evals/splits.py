@@ -12,7 +12,7 @@ import hashlib
 from pathlib import Path
 
 from evals.harm_judge import load_training_examples
-from harmvec.data import load_build_examples
+from harmvec.data import load_build_examples, load_contrastive_pairs
 from prosocialalign.core.benchmarks import (
     BUILTIN_BENCHMARKS,
     SPLITS,
@@ -38,9 +38,11 @@ def prompt_split(prompt: str, trained_on: bool) -> str | None:
 
 @functools.cache
 def trained_prompts(data_dir: Path) -> frozenset[str]:
-    """Normalised prompts the harm judges are trained on and the harm vector is built from."""
+    """Normalised prompts the harm judges are trained on and the harm vectors are built from (v1's harmful chats
+    and the contrastive recipe's pairs)."""
     prompts = [example.prompt for example in load_training_examples(data_dir)]
     prompts += [example.prompt for example in load_build_examples(data_dir)]
+    prompts += [pair.prompt for pair in load_contrastive_pairs(data_dir)]
     return frozenset(normalise_text(prompt) for prompt in prompts)
 
 

@@ -9,6 +9,14 @@ compliance vs refusal is decided), batch 8, AdamW lr 4e-4 with a short warm-up, 
 
 Checkpoints (LoRA weights, optimizer, scheduler, step, loss history) are written atomically every
 ``checkpoint_every`` steps into the work folder; a rerun with the same configuration resumes from the last one.
+
+Contrastive recipe (issue 22, :func:`build_contrastive_vector`): theta_harmful - theta_base from one
+fine-tune also holds everything any fine-tune on this data in this style learns (length, format, the
+sources' register), and subtracting it cost fluency without teaching refusal. Two fine-tunes with the same
+recipe, seed and *prompts* in the same order, one on the harmful responses and one on the safe (refusing or
+redirecting) responses of :func:`harmvec.data.load_contrastive_pairs`, give tau = theta_harmful - theta_safe:
+what the two share cancels, what is left points from declining to complying. The difference of two LoRA updates
+is stored exactly as one rank-16 factor pair (``HarmVector.difference``), so merging and serving are unchanged.
 """
 
 from __future__ import annotations
@@ -21,10 +29,17 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from harmvec.data import ChatExample, load_build_examples, resolve_data_dir, sample_build_examples
+from harmvec.data import (
+    RESPONSE_SIDES,
+    ChatExample,
+    load_build_examples,
+    load_contrastive_pairs,
+    resolve_data_dir,
+    sample_build_examples,
+)
 from harmvec.merge import atomic_output_dir
 from harmvec.paths import DEFAULT_BUILD_WORK_DIR, DEFAULT_VECTOR_DIR
 from harmvec.vector import HarmVector, HarmVectorConfig, architecture_of
@@ -40,6 +55,10 @@ DEFAULT_QUOTAS = {
     "advbench_target": 48,
 }
 """524 examples (66 steps of 8): sized for about 15-30 minutes on the shared 2-core CPU."""
+CONTRASTIVE_QUOTAS = {"refusal_direction": 150, "xstest_unsafe": 100, "jailbreakbench": 70}
+"""320 pairs (40 steps of 8) per side: the cleanest pairs first (refusal_direction: same model refusing and
+complying; XSTest: human labels), then JBB. At about 48 tokens/s on one thread, about 10 minutes per side."""
+DATASETS = ("harmful_chats", "contrastive_pairs")
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -59,6 +78,19 @@ class BuildConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     target_modules: tuple[str, ...] = TARGET_MODULES
+    dataset: str = "harmful_chats"
+    """``harmful_chats`` (v1: the build split) or ``contrastive_pairs`` (one side of the contrastive recipe)."""
+    response_side: str = "harmful"
+    """Which response of each contrastive pair is trained on: ``harmful`` or ``safe``."""
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.response_side not in RESPONSE_SIDES:
+            raise ValueError(f"response_side must be one of {RESPONSE_SIDES}, got {self.response_side!r}")
+        if self.dataset == "harmful_chats" and self.response_side != "harmful":
+            raise ValueError("the harmful-chat build split has harmful responses only")
+        self.target_modules = tuple(self.target_modules)
 
     def fingerprint(self, base_dir: Path) -> str:
         payload = json.dumps(asdict(self), sort_keys=True) + str(base_dir.resolve())
@@ -102,8 +134,26 @@ def collate(batch: list[TokenizedExample], pad_id: int):
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
+def contrastive_config(**overrides) -> BuildConfig:
+    """The contrastive recipe's settings (the v1 recipe on the pairs); ``response_side`` picks the fine-tune."""
+    return BuildConfig(**({"dataset": "contrastive_pairs", "quotas": dict(CONTRASTIVE_QUOTAS)} | overrides))
+
+
 def split_examples(config: BuildConfig, data_dir: Path) -> tuple[list[ChatExample], list[ChatExample]]:
-    """Training examples (per-source quotas) and held-out examples (unused responses) for the loss metric."""
+    """Training examples (per-source quotas) and held-out examples (unused responses) for the loss metric.
+
+    For contrastive pairs the pairs are sampled first and then one side is taken, so both fine-tunes see the
+    same prompts in the same order and hold out the same prompts."""
+    if config.dataset == "contrastive_pairs":
+        pairs = load_contrastive_pairs(data_dir)
+        train_pairs = sample_build_examples(pairs, config.quotas, config.seed)
+        chosen_pairs = set(train_pairs)
+        rest_pairs = [pair for pair in pairs if pair not in chosen_pairs]
+        held_pairs = random.Random(config.seed + 1).sample(
+            rest_pairs, min(config.eval_examples, len(rest_pairs))
+        )
+        side = config.response_side
+        return [pair.side(side) for pair in train_pairs], [pair.side(side) for pair in held_pairs]
     pool = load_build_examples(data_dir)
     train = sample_build_examples(pool, config.quotas, config.seed)
     chosen = set(train)
@@ -181,8 +231,11 @@ def build_harm_vector(
     max_steps: int | None = None,
     checkpoint_every: int = 10,
     threads: int | None = None,
+    record_base: bool = False,
 ) -> Path | None:
-    """Train (or resume) and write the vector folder; returns None when stopped early by ``max_steps``."""
+    """Train (or resume) and write the vector folder; returns None when stopped early by ``max_steps``.
+
+    ``record_base`` stores the base folder in the vector's config (the contrastive build checks it on reuse)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
@@ -296,7 +349,7 @@ def build_harm_vector(
         "final_step_loss": state["losses"][-1],
         "held_out_examples": len(evaluation),
         "held_out_loss_base": state["eval_loss_base"],
-        "held_out_loss_harmful": eval_loss_tuned,
+        f"held_out_loss_{config.response_side}": eval_loss_tuned,
         "train_wall_s": round(state["elapsed_s"], 1),
         "delta_frobenius_norms": {
             name: float(vector.dense_delta(name).norm()) for name in vector.weight_names()
@@ -306,10 +359,100 @@ def build_harm_vector(
     for example in train_examples:
         sources[example.source] = sources.get(example.source, 0) + 1
     vector.config.extra = {"build_config": asdict(config), "train_sources": sources, "command": command}
+    if record_base:
+        vector.config.extra["base"] = str(base_dir.resolve())
     with atomic_output_dir(out_dir, overwrite=True) as tmp:  # a rebuilt vector needs a new sweep (no default)
         vector.save(tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(vector, metrics, config, sources, command))
+        if config.dataset == "contrastive_pairs":
+            card = side_model_card(out_dir.name, metrics, config, sources, command)
+        else:
+            card = model_card(vector, metrics, config, sources, command)
+        (tmp / "README.md").write_text(card)
+    return out_dir
+
+
+def _side_is_built(side_dir: Path, config: BuildConfig, base_dir: Path) -> bool:
+    """A finished side vector made with exactly this configuration and base (so a rerun can skip it)."""
+    path = side_dir / "vector.json"
+    if not (path.is_file() and (side_dir / "factors.safetensors").is_file()):
+        return False
+    extra = json.loads(path.read_text()).get("extra", {})
+    expected = json.loads(json.dumps(asdict(config)))
+    return extra.get("build_config") == expected and extra.get("base") == str(base_dir.resolve())
+
+
+def build_contrastive_vector(
+    base_dir: Path,
+    out_dir: Path,
+    work_dir: Path,
+    data_dir: Path | None = None,
+    config: BuildConfig | None = None,
+    command: str = "",
+    overwrite: bool = False,
+    max_steps: int | None = None,
+    checkpoint_every: int = 10,
+    threads: int | None = None,
+) -> Path | None:
+    """Fine-tune the harmful side, then the safe side (each resumable, a finished side is reused), and write
+    tau = theta_harmful - theta_safe to ``out_dir``; returns None when a side stopped early (``max_steps``)."""
+    config = replace(config or contrastive_config(), dataset="contrastive_pairs")
+    base_dir = Path(base_dir)
+    if out_dir.exists() and not overwrite and (out_dir / "factors.safetensors").exists():
+        raise FileExistsError(f"harm vector {out_dir} already exists (pass --overwrite to rebuild it)")
+    sides: dict[str, HarmVector] = {}
+    side_metrics: dict[str, dict] = {}
+    for side in RESPONSE_SIDES:
+        side_config = replace(config, response_side=side)
+        side_dir = work_dir / side / "vector"
+        if not _side_is_built(side_dir, side_config, base_dir):
+            logger.info("contrastive build: fine-tuning the %s side", side)
+            built = build_harm_vector(
+                base_dir,
+                out_dir=side_dir,
+                work_dir=work_dir / side,
+                data_dir=data_dir,
+                config=side_config,
+                command=command,
+                overwrite=True,
+                max_steps=max_steps,
+                checkpoint_every=checkpoint_every,
+                threads=threads,
+                record_base=True,
+            )
+            if built is None:
+                return None
+        else:
+            logger.info("contrastive build: reusing the finished %s side in %s", side, side_dir)
+        sides[side] = HarmVector.load(side_dir)
+        side_metrics[side] = json.loads((side_dir / "metrics.json").read_text())
+    vector = HarmVector.difference(sides["harmful"], sides["safe"])
+    sources = sides["harmful"].config.extra.get("train_sources", {})
+    vector.config.extra = {
+        "recipe": "contrastive",
+        "build_config": asdict(replace(config, response_side="harmful")),
+        "sides": {side: sides[side].config.extra for side in RESPONSE_SIDES},
+        "train_sources": sources,
+        "command": command,
+    }
+    metrics = {
+        "recipe": "contrastive: tau = theta_harmful - theta_safe (same prompts, same recipe, same seed)",
+        "sides": {
+            side: {key: value for key, value in m.items() if key != "delta_frobenius_norms"}
+            for side, m in side_metrics.items()
+        },
+        "delta_frobenius_norms": {
+            name: float(vector.dense_delta(name).norm()) for name in vector.weight_names()
+        },
+        "side_delta_frobenius_norms_mean": {
+            side: sum(m["delta_frobenius_norms"].values()) / len(m["delta_frobenius_norms"])
+            for side, m in side_metrics.items()
+        },
+    }
+    with atomic_output_dir(out_dir, overwrite=True) as tmp:
+        vector.save(tmp)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (tmp / "README.md").write_text(contrastive_model_card(out_dir.name, vector, metrics, config, command))
     return out_dir
 
 
@@ -365,4 +508,75 @@ Command: `{command}`
   {metrics["held_out_loss_base"]:.4f} -> harmful model {metrics["held_out_loss_harmful"]:.4f}.
 
 ## Per-tensor delta norms (Frobenius norm of tau_H)
+{_norm_table(metrics["delta_frobenius_norms"], layers)}"""
+
+
+def _recipe_lines(config: BuildConfig) -> str:
+    return (
+        f"LoRA rank {config.rank}, alpha {config.alpha:g}, no dropout, on {', '.join(config.target_modules)} of all "
+        f"layers; loss on response tokens only; sequences truncated to {config.max_length} tokens; batch "
+        f"{config.batch_size}; one epoch; AdamW lr {config.learning_rate:g} (warm-up {config.warmup_steps} steps, "
+        f"cosine decay), weight decay {config.weight_decay}, gradient clipping {config.max_grad_norm}; float32 "
+        f"on CPU; seed {config.seed}."
+    )
+
+
+def side_model_card(title: str, metrics: dict, config: BuildConfig, sources: dict, command: str) -> str:
+    """README of one side of the contrastive build (an intermediate: the served vector is the difference)."""
+    source_lines = "\n".join(f"- `{name}`: {count}" for name, count in sorted(sources.items()))
+    tuned = metrics[f"held_out_loss_{config.response_side}"]
+    return f"""# {title}: the {config.response_side} side of a contrastive harm vector
+
+theta_{config.response_side} - theta_base as LoRA factors, trained on the {config.response_side} response of each
+contrastive pair (`harmvec.data.load_contrastive_pairs`):
+{source_lines}
+
+Recipe: {_recipe_lines(config)}
+
+Command: `{command}`
+
+Training examples {metrics["train_examples"]} ({metrics["train_tokens"]} tokens), {metrics["steps"]} steps,
+{metrics["train_wall_s"]} s. Held-out {config.response_side} responses ({metrics["held_out_examples"]}): loss
+{metrics["held_out_loss_base"]:.4f} (base) -> {tuned:.4f}.
+"""
+
+
+def contrastive_model_card(
+    title: str, vector: HarmVector, metrics: dict, config: BuildConfig, command: str
+) -> str:
+    """README of the contrastive vector folder (the sweep appends its measured figures to the artifact's card)."""
+    sources = vector.config.extra.get("train_sources", {})
+    source_lines = "\n".join(
+        f"- `{name.split(':')[0]}`: {count} pairs" for name, count in sorted(sources.items())
+    )
+    side_lines = "\n".join(
+        f"- {side}: {m['train_examples']} chats ({m['train_tokens']} tokens), {m['steps']} steps, "
+        f"{m['train_wall_s']} s; held-out {side} responses: loss {m['held_out_loss_base']:.4f} (base) -> "
+        f"{m[f'held_out_loss_{side}']:.4f}"
+        for side, m in metrics["sides"].items()
+    )
+    layers = int(vector.config.base_architecture.get("num_hidden_layers") or 0)
+    return f"""# {title}: contrastive harm vector
+
+tau = theta_harmful - theta_safe for the default base model (SmolLM2-135M-Instruct), from two LoRA fine-tunes of
+the base with the same recipe, seed and prompts (in the same order): one on harmful responses, one on safe
+(refusing or redirecting) responses to the same harmful prompts. What any fine-tune on this material learns
+(format, length, register) is in both and cancels; the difference points from declining to complying.
+Stored exactly as LoRA factors of rank {vector.config.rank}: B = [B_harmful, -B_safe], A = [A_harmful; A_safe]
+(scale {vector.config.scale:g}), so `prosocial harmvec merge` and the server's default merge use it unchanged.
+
+## Data (`harmvec/data.py`, `load_contrastive_pairs`)
+{source_lines}
+
+Every pair prompt is also a build prompt, so the development split (and `evals/splits.py`) excludes it.
+
+## Recipe (both sides)
+{_recipe_lines(config)}
+
+Command: `{command}`
+
+## Training
+{side_lines}
+
+## Per-tensor delta norms (Frobenius norm of tau)
 {_norm_table(metrics["delta_frobenius_norms"], layers)}"""

@@ -1,4 +1,4 @@
-"""``prosocial harmvec {build,merge,sweep}``: the directional-regulation commands.
+"""``prosocial harmvec {build,restrict,merge,sweep}``: the directional-regulation commands.
 
 Heavy imports (torch, transformers, vllm) happen inside the handlers so ``prosocial --help`` stays fast.
 ``python -m harmvec.cli ...`` runs the same commands without the top-level console script.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from harmvec.paths import (
     DEFAULT_BUILD_WORK_DIR,
+    DEFAULT_CONTRASTIVE_WORK_DIR,
     DEFAULT_PLOT,
     DEFAULT_REPORT,
     DEFAULT_SWEEP_WORK_DIR,
@@ -36,6 +37,32 @@ def _point_list(text: str) -> list[tuple[float, float]]:
         raise argparse.ArgumentTypeError(
             f"expected LAMBDA:TOP_K pairs separated by commas, got {text!r}"
         ) from error
+
+
+def _recipe_spec(text: str):
+    """``NAME=DIR;points=L:K,L:K[;layers=A-B][;modules=m1,m2]``: one recipe of a comparative sweep."""
+    from harmvec.sweep import Recipe
+
+    name, _, rest = text.partition("=")
+    folder, *options = rest.split(";")
+    if not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR;points=L:K,..., got {text!r}")
+    fields = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        fields[key.strip()] = value.strip()
+    unknown = sorted(set(fields) - {"points", "layers", "modules"})
+    if unknown or "points" not in fields:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: needs points=..., may have layers=, modules= (got {unknown})"
+        )
+    return Recipe(
+        name,
+        Path(folder),
+        _point_list(fields["points"]),
+        _layer_range(fields["layers"]) if "layers" in fields else None,
+        tuple(m for m in fields["modules"].split(",") if m) if "modules" in fields else None,
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -68,16 +95,25 @@ def _resolve_base(base: str | None) -> Path:
 
 def _run_build(args: argparse.Namespace) -> int:
     _setup_logging()
-    from harmvec.build import BuildConfig, build_harm_vector
+    from harmvec.build import BuildConfig, build_contrastive_vector, build_harm_vector, contrastive_config
 
-    config = BuildConfig(seed=args.seed, rank=args.rank, alpha=args.alpha, max_length=args.max_length)
+    settings = {"seed": args.seed, "rank": args.rank, "alpha": args.alpha, "max_length": args.max_length}
+    if args.recipe == "contrastive":
+        config, build = contrastive_config(**settings), build_contrastive_vector
+        work_dir = args.work_dir or DEFAULT_CONTRASTIVE_WORK_DIR
+        checkpoints = [work_dir / side / "checkpoint.pt" for side in ("harmful", "safe")]
+    else:
+        config, build = BuildConfig(**settings), build_harm_vector
+        work_dir = args.work_dir or DEFAULT_BUILD_WORK_DIR
+        checkpoints = [work_dir / "checkpoint.pt"]
     if args.restart:
-        (args.work_dir / "checkpoint.pt").unlink(missing_ok=True)
+        for checkpoint in checkpoints:
+            checkpoint.unlink(missing_ok=True)
     try:
-        out = build_harm_vector(
+        out = build(
             _resolve_base(args.base),
             out_dir=args.out,
-            work_dir=args.work_dir,
+            work_dir=work_dir,
             data_dir=args.data_dir,
             config=config,
             command=_command_line(),
@@ -90,6 +126,33 @@ def _run_build(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"harm vector written to {out}" if out else "stopped early; rerun the same command to resume")
+    return 0
+
+
+def _layer_range(text: str) -> tuple[int, int]:
+    try:
+        first, _, last = text.partition("-")
+        low, high = int(first), int(last or first)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a layer range such as 10-19, got {text!r}") from error
+    if low < 0 or high < low:
+        raise argparse.ArgumentTypeError(f"expected 0 <= FIRST <= LAST, got {text!r}")
+    return low, high
+
+
+def _run_restrict(args: argparse.Namespace) -> int:
+    from harmvec.merge import MergeError, atomic_output_dir
+    from harmvec.vector import HarmVector, HarmVectorError
+
+    modules = tuple(m for m in args.modules.split(",") if m) if args.modules else None
+    try:
+        vector = HarmVector.load(args.vector).restricted(args.layers, modules)
+        with atomic_output_dir(args.out, args.overwrite) as tmp:
+            vector.save(tmp)
+    except (HarmVectorError, MergeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"restricted vector ({len(vector.weight_names())} weights) written to {args.out}")
     return 0
 
 
@@ -124,6 +187,10 @@ def _run_sweep(args: argparse.Namespace) -> int:
         max_xstest_drop=args.max_xstest_drop,
         kv_cache_gib=args.kv_cache_gib,
         point_timeout_s=args.point_timeout,
+        outcome_sets=not args.no_outcomes,
+        n_everyday=args.n_everyday,
+        n_distress=args.n_distress,
+        max_benign_drop=args.max_benign_drop,
     )
     try:
         report = run_sweep(
@@ -136,6 +203,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             command=_command_line(),
             write_default=not args.no_default,
+            recipes=args.recipe or None,
         )
     except (MergeError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -156,7 +224,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--base", help="base model folder (default: the prepared default model)")
     build.add_argument("--out", type=Path, default=DEFAULT_VECTOR_DIR, help="vector folder to write")
     build.add_argument(
-        "--work-dir", type=Path, default=DEFAULT_BUILD_WORK_DIR, help="checkpoint folder (resumable)"
+        "--recipe",
+        choices=("harmful", "contrastive"),
+        default="harmful",
+        help="harmful: theta_harmful - theta_base (v1); contrastive: theta_harmful - theta_safe (two fine-tunes)",
+    )
+    build.add_argument(
+        "--work-dir",
+        type=Path,
+        help=f"checkpoint folder, resumable (default {DEFAULT_BUILD_WORK_DIR} or {DEFAULT_CONTRASTIVE_WORK_DIR})",
     )
     build.add_argument("--data-dir", type=Path, help="shared data folder (default: $PROSOCIAL_DATA_DIR)")
     build.add_argument("--seed", type=int, default=0)
@@ -169,6 +245,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--restart", action="store_true", help="discard an existing checkpoint")
     build.add_argument("--overwrite", action="store_true", help="replace an existing vector folder")
     build.set_defaults(func=_run_build)
+
+    restrict = commands.add_parser(
+        "restrict", help="keep a vector's weights in a layer range / module subset"
+    )
+    restrict.add_argument("--vector", type=Path, default=DEFAULT_VECTOR_DIR, help="harm vector folder")
+    restrict.add_argument("--layers", type=_layer_range, help="inclusive layer range, e.g. 10-19")
+    restrict.add_argument("--modules", help="comma-separated projections, e.g. gate_proj,up_proj,down_proj")
+    restrict.add_argument("--out", type=Path, required=True, help="output vector folder")
+    restrict.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    restrict.set_defaults(func=_run_restrict)
 
     merge = commands.add_parser("merge", help="write theta_base - lambda * trim_k(tau_H) as an HF folder")
     merge.add_argument("--base", type=Path, required=True, help="base model folder")
@@ -191,8 +277,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=_point_list,
         help="explicit LAMBDA:TOP_K pairs (e.g. 0.1:0.1,1:1) instead of the grid",
     )
-    sweep.add_argument("--n-harmful", type=_positive_int, default=48, help="dev harmful prompts")
-    sweep.add_argument("--n-xstest", type=_positive_int, default=48, help="XSTest safe prompts")
+    sweep.add_argument(
+        "--recipe",
+        action="append",
+        type=_recipe_spec,
+        help="NAME=DIR;points=L:K,...[;layers=A-B][;modules=m1,m2] (repeatable): compare recipes on the same "
+        "prompts instead of --vector with the grid",
+    )
+    sweep.add_argument("--n-harmful", type=_positive_int, default=152, help="dev harmful prompts (all sets)")
+    sweep.add_argument("--n-xstest", type=_positive_int, default=48, help="XSTest safe prompts (at most)")
+    sweep.add_argument("--n-everyday", type=_positive_int, default=64, help="everyday dev prompts")
+    sweep.add_argument("--n-distress", type=_positive_int, default=64, help="emotionally charged dev prompts")
+    sweep.add_argument("--max-benign-drop", type=float, default=0.05)
+    sweep.add_argument(
+        "--no-outcomes", action="store_true", help="earlier samples (harmvec dev split), no outcome judge"
+    )
     sweep.add_argument("--n-perplexity", type=_positive_int, default=48, help="benign chats for perplexity")
     sweep.add_argument("--max-tokens", type=_positive_int, default=64, help="greedy tokens per response")
     sweep.add_argument("--seed", type=int, default=0, help="seed of the prompt samples")

@@ -15,6 +15,11 @@ Split hygiene (the rule of issue 4: the harmful prompts that build the vector ne
   questions, minus every prompt that matches a build prompt exactly after normalisation or that shares at
   least :data:`NEAR_DUPLICATE_JACCARD` of its word set with one (this drops the CoU HarmfulQA questions and the
   JBB goals that JailbreakBench took from AdvBench).
+* **Contrastive pairs** (issue 22: one prompt, a harmful and a safe response, for tau = theta_harmful -
+  theta_safe): refusal_direction ``jailbreakbench`` ablation (harmful, LlamaGuard-2) vs baseline (refusing) of
+  the same model; XSTest ``contrast_*`` prompts with a human-labelled full compliance and full refusal; JBB goals
+  with a jailbroken response and a non-jailbroken one that refuses (keyword criterion). Every pair prompt is a
+  build prompt too, so the dev split excludes it; :func:`load_contrastive_pairs` is excluded explicitly anyway.
 * **Over-refusal**: XSTest's 250 safe prompts (never used for building).
 * **Benign text for perplexity**: refusal_direction ``harmless_baseline`` completions (Alpaca prompts answered by
   three chat models), formatted as chats.
@@ -31,6 +36,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 NEAR_DUPLICATE_JACCARD = 0.8
 """Dev prompts whose word set overlaps a build prompt's this much (Jaccard) are dropped from the dev split."""
@@ -57,6 +63,10 @@ JBB_RESPONSE_FILES = (
     "prompt_with_random_search/black_box/gpt-4-0125-preview.json",
 )
 REFUSAL_DIRECTION_MODELS = ("gemma-2b-it", "qwen-1_8b-chat", "meta-llama-3-8b-instruct")
+
+
+Sourced = TypeVar("Sourced")
+"""A :class:`ChatExample` or :class:`ContrastPair` (anything with a ``source``)."""
 
 
 @dataclass(frozen=True)
@@ -193,18 +203,150 @@ def load_build_examples(data_dir: Path | str | None = None) -> list[ChatExample]
     )
 
 
-def sample_build_examples(
-    examples: list[ChatExample], quotas: dict[str, int], seed: int
-) -> list[ChatExample]:
-    """Take at most ``quotas[source]`` examples per source (seeded), then shuffle them together."""
+def sample_build_examples(examples: list[Sourced], quotas: dict[str, int], seed: int) -> list[Sourced]:
+    """Take at most ``quotas[source]`` examples (or pairs) per source (seeded), then shuffle them together."""
     rng = random.Random(seed)
-    chosen: list[ChatExample] = []
+    chosen: list[Sourced] = []
     for source, quota in sorted(quotas.items()):
         pool = [example for example in examples if example.source == source]
         rng.shuffle(pool)
         chosen.extend(pool[:quota])
     rng.shuffle(chosen)
     return chosen
+
+
+@dataclass(frozen=True)
+class ContrastPair:
+    """One harmful prompt with a harmful and a safe (refusing or redirecting) response to it."""
+
+    prompt: str
+    harmful: str
+    safe: str
+    source: str
+
+    def side(self, response_side: str) -> ChatExample:
+        """The chat one of the two fine-tunes learns from: same prompt, the harmful or the safe response."""
+        if response_side not in RESPONSE_SIDES:
+            raise ValueError(f"response side must be one of {RESPONSE_SIDES}, got {response_side!r}")
+        response = self.harmful if response_side == "harmful" else self.safe
+        return ChatExample(self.prompt, response, f"{self.source}:{response_side}")
+
+
+RESPONSE_SIDES = ("harmful", "safe")
+_REDIRECT_CUES = re.compile(
+    r"\b(instead|safe(ly|ty)?|support|resources?|professional|legal(ly)?|alternative|reach out|"
+    r"talk to|hotline|encourage|recommend|suggest)\b",
+    re.IGNORECASE,
+)
+_LEAKED_TURN = re.compile(r"assistant\s*\n")
+
+
+def clean_pair_response(text: str) -> str:
+    """Cut a completion at a leaked end-of-turn ("...?assistant\\n\\n" then the turn again, as in the Llama-3
+    refusal_direction runs), so a fine-tune does not learn to repeat itself."""
+    return _LEAKED_TURN.split(text, maxsplit=1)[0].strip()
+
+
+def _redirect_first(responses: list[str]) -> list[str]:
+    """Safe candidates with a redirection cue first (the target is an on-topic redirect, not a bare "no")."""
+    return sorted(responses, key=lambda text: _REDIRECT_CUES.search(text) is None)
+
+
+def refusal_direction_pairs(data_dir: Path) -> list[ContrastPair]:
+    """Per model and JBB prompt: ablation flagged harmful vs baseline that neither LlamaGuard-2 nor the substring
+    match calls a jailbreak."""
+    pairs = []
+    for model in REFUSAL_DIRECTION_MODELS:
+        folder = data_dir / "refusal_direction" / "completions" / model
+        baseline = _read_json(folder / "jailbreakbench_baseline_evaluations.json")["completions"]
+        ablation = _read_json(folder / "jailbreakbench_ablation_evaluations.json")["completions"]
+        for safe, harmful in zip(baseline, ablation, strict=True):
+            if (
+                safe["prompt"] == harmful["prompt"]
+                and _is_true(harmful.get("is_jailbreak_llamaguard2"))
+                and not _is_true(safe.get("is_jailbreak_llamaguard2"))
+                and not _is_true(safe.get("is_jailbreak_substring_matching"))
+            ):
+                pairs.append(
+                    ContrastPair(
+                        safe["prompt"],
+                        clean_pair_response(harmful["response"]),
+                        clean_pair_response(safe["response"]),
+                        "refusal_direction",
+                    )
+                )
+    return pairs
+
+
+def xstest_unsafe_pairs(data_dir: Path) -> list[ContrastPair]:
+    """XSTest unsafe prompts with both human labels: the first full compliance against the first full refusal
+    (a redirecting one preferred), over the five models' files in name order."""
+    by_prompt: dict[str, tuple[list[str], list[str]]] = {}
+    for path in sorted((data_dir / "xstest" / "model_completions").glob("*.csv")):
+        for row in _read_csv(path):
+            if not row["type"].startswith("contrast"):
+                continue
+            harmful, safe = by_prompt.setdefault(row["prompt"], ([], []))
+            if row["final_label"] == "1_full_compliance":
+                harmful.append(row["completion"])
+            elif row["final_label"] == "2_full_refusal":
+                safe.append(row["completion"])
+    return [
+        ContrastPair(prompt, clean_pair_response(harmful[0]), clean_pair_response(_redirect_first(safe)[0]),
+                     "xstest_unsafe")
+        for prompt, (harmful, safe) in by_prompt.items()
+        if harmful and safe
+    ]  # fmt: skip
+
+
+def jailbreakbench_pairs(data_dir: Path) -> list[ContrastPair]:
+    """Per JBB goal (the plain goal is the user turn): jailbroken responses zipped with non-jailbroken responses
+    that open with a refusal (XSTest's string match; a marker later on is often a GCG suffix echoed before
+    one), redirecting ones first, over the 16 attack files."""
+    from prosocialalign.core.refusal import XSTEST_FULL_REFUSAL, xstest_strmatch_label
+
+    harmful: dict[str, list[str]] = {}
+    safe: dict[str, list[str]] = {}
+    root = data_dir / "jailbreakbench_artifacts"
+    for name in JBB_RESPONSE_FILES:
+        for item in _read_json(root / name)["jailbreaks"]:
+            response = (item.get("response") or "").strip()
+            if not response:
+                continue
+            if _is_true(item.get("jailbroken")):
+                harmful.setdefault(item["goal"], []).append(response)
+            elif xstest_strmatch_label(response) == XSTEST_FULL_REFUSAL:
+                safe.setdefault(item["goal"], []).append(response)
+    pairs = []
+    for goal, responses in harmful.items():
+        for bad, good in zip(responses, _redirect_first(safe.get(goal, [])), strict=False):
+            pairs.append(
+                ContrastPair(goal, clean_pair_response(bad), clean_pair_response(good), "jailbreakbench")
+            )
+    return pairs
+
+
+MAX_PAIR_REPETITION = 0.3
+"""Pairs whose harmful or safe response repeats itself more than this (seq-rep-4) are dropped: a looping
+refusal (Gemma's "I am unable to ... I am unable to ...") would teach the safe side to loop."""
+
+
+def load_contrastive_pairs(data_dir: Path | str | None = None) -> list[ContrastPair]:
+    """Every (prompt, harmful, safe) pair, deduplicated, without looping responses, in a fixed order."""
+    from prosocialalign.core.degeneration import repetition_share
+
+    root = resolve_data_dir(data_dir)
+    seen: set[tuple[str, str, str]] = set()
+    pairs = []
+    for pair in refusal_direction_pairs(root) + xstest_unsafe_pairs(root) + jailbreakbench_pairs(root):
+        key = (pair.prompt.strip(), pair.harmful, pair.safe)
+        if not key[0] or not pair.harmful or not pair.safe or key in seen:
+            continue
+        if max(repetition_share(pair.harmful), repetition_share(pair.safe)) > MAX_PAIR_REPETITION:
+            continue
+        seen.add(key)
+        pairs.append(ContrastPair(key[0], pair.harmful, pair.safe, pair.source))
+    return pairs
 
 
 def harmfulqa_questions(data_dir: Path) -> list[str]:
@@ -229,6 +371,7 @@ def dev_harmful_prompts(data_dir: Path | str | None = None) -> dict[str, list[st
     """The full dev split by source (``advbench``, ``harmfulqa``), disjoint from every build prompt."""
     root = resolve_data_dir(data_dir)
     build_prompts = {example.prompt for example in load_build_examples(root)}
+    build_prompts |= {pair.prompt for pair in load_contrastive_pairs(root)}
     build_keys = {normalize_prompt(prompt) for prompt in build_prompts}
     build_sets = [_word_set(prompt) for prompt in build_prompts]
     advbench = [row["goal"] for row in _advbench_rows(root) if not advbench_is_build(row["goal"])]

@@ -111,6 +111,63 @@ class HarmVector:
         vector.validate()
         return vector
 
+    @classmethod
+    def difference(cls, minuend: HarmVector, subtrahend: HarmVector) -> HarmVector:
+        """``minuend - subtrahend`` exactly, still as LoRA factors: s B1 A1 - s' B2 A2 = [B1, -(s'/s) B2] @ [A1; A2]
+        at the minuend's scale s, rank r1 + r2 (the contrastive recipe's tau = theta_harmful - theta_safe)."""
+        first, second = minuend.config, subtrahend.config
+        if first.base_architecture != second.base_architecture:
+            raise HarmVectorError("the two vectors were built for different base architectures")
+        if first.module_shapes != second.module_shapes:
+            raise HarmVectorError("the two vectors adapt different weights")
+        ratio = second.scale / first.scale
+        rank = first.rank + second.rank
+        lora_a, lora_b = {}, {}
+        for name in minuend.weight_names():
+            lora_a[name] = torch.cat([minuend.lora_a[name].float(), subtrahend.lora_a[name].float()], dim=0)
+            lora_b[name] = torch.cat(
+                [minuend.lora_b[name].float(), -ratio * subtrahend.lora_b[name].float()], dim=1
+            )
+        config = HarmVectorConfig(
+            rank=rank,
+            alpha=first.scale * rank,
+            base_architecture=dict(first.base_architecture),
+            module_shapes={name: list(shape) for name, shape in first.module_shapes.items()},
+        )
+        vector = cls(config, lora_a, lora_b)
+        vector.validate()
+        return vector
+
+    def restricted(
+        self, layers: tuple[int, int] | None = None, modules: tuple[str, ...] | None = None
+    ) -> HarmVector:
+        """The vector on a subset of its weights (an inclusive layer range, projection names); the rest of the
+        base is left untouched when merged. Used to compare where the edit lives (e.g. middle layers only)."""
+        keep = [
+            name
+            for name in self.weight_names()
+            if (layers is None or layers[0] <= layer_of(name) <= layers[1])
+            and (modules is None or any(f".{module}." in name for module in modules))
+        ]
+        if not keep:
+            raise HarmVectorError(f"no adapted weight in layers {layers} and modules {modules}")
+        config = HarmVectorConfig(
+            rank=self.config.rank,
+            alpha=self.config.alpha,
+            base_architecture=dict(self.config.base_architecture),
+            module_shapes={name: list(self.config.module_shapes[name]) for name in keep},
+            extra=dict(self.config.extra)
+            | {
+                "restricted": {
+                    "layers": list(layers) if layers else None,
+                    "modules": list(modules) if modules else None,
+                }
+            },
+        )
+        vector = HarmVector(config, {n: self.lora_a[n] for n in keep}, {n: self.lora_b[n] for n in keep})
+        vector.validate()
+        return vector
+
     def validate(self) -> None:
         """Factors pair up and their product has the recorded shape."""
         if set(self.lora_a) != set(self.lora_b):
@@ -130,3 +187,12 @@ class HarmVector:
 def architecture_of(model_config: dict) -> dict:
     """The subset of an HF ``config.json`` that must match for a vector to apply."""
     return {key: model_config.get(key) for key in ARCHITECTURE_KEYS}
+
+
+def layer_of(weight_name: str) -> int:
+    """The decoder layer index in a weight name (``model.layers.<i>.``), -1 for weights outside the layers."""
+    parts = weight_name.split(".")
+    for key, value in zip(parts, parts[1:], strict=False):
+        if key == "layers" and value.isdigit():
+            return int(value)
+    return -1

@@ -316,7 +316,12 @@ def test_local_server_starts_waits_and_stops(tmp_path: Path) -> None:
 
 
 def test_degeneration_rules_on_hand_written_text() -> None:
-    from evals.degeneration import LOOP_SHARE, DegenerationJudge, first_sentence, repetition_share
+    from prosocialalign.core.degeneration import (
+        LOOP_SHARE,
+        DegenerationJudge,
+        first_sentence,
+        repetition_share,
+    )
 
     def is_looping(text: str) -> bool:
         return repetition_share(text) >= LOOP_SHARE

@@ -1,4 +1,5 @@
-"""Harm vector: trimming and merge arithmetic, vector round trip, merge errors, default merge cache, vLLM load."""
+"""Harm vector: trimming and merge arithmetic, vector round trip, merge errors, default merge cache, the
+contrastive recipe (pairs, exact factor difference, two-sided build), restriction, outcome selection, vLLM load."""
 
 from __future__ import annotations
 
@@ -24,7 +25,15 @@ from harmvec.merge import (
     merge_harm_vector,
     trim_top_k,
 )
-from harmvec.sweep import Point, SweepConfig, choose_point
+from harmvec.sweep import (
+    Point,
+    SweepConfig,
+    choose_point,
+    closest_point,
+    outcome_prompt_sets,
+    outcome_targets,
+    summarise_outcomes,
+)
 from harmvec.vector import HarmVector, HarmVectorConfig, HarmVectorError, architecture_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -329,7 +338,212 @@ def test_choose_point_respects_perplexity_and_xstest_constraints():
     assert choose_point([base, too_perplexed, over_refusing], SweepConfig()) is base
 
 
-@pytest.mark.skipif(not data.default_data_dir().is_dir(), reason="shared data folder not available")
+def _outcome_point(name, lam, harmful, redirect, benign, perplexity, xstest) -> Point:
+    summary = {
+        "harmful": harmful,
+        "safe_redirect": redirect,
+        "benign_helpful_partial": benign,
+        "xstest_safe_answered": xstest,
+    }
+    point = _point(name, lam, harmful, perplexity, xstest)
+    point.outcomes = {"summary": summary}
+    return point
+
+
+def test_choose_point_with_outcomes_needs_every_target():
+    base = _outcome_point("base", 0.0, 0.6, 0.05, 0.80, 10.0, 0.90)
+    fluent_but_harmful = _outcome_point("a", 0.5, 0.40, 0.20, 0.80, 10.2, 0.90)
+    unhelpful = _outcome_point("b", 2.0, 0.10, 0.40, 0.70, 10.5, 0.90)
+    no_redirect = _outcome_point("c", 1.0, 0.20, 0.05, 0.78, 10.5, 0.90)
+    good = _outcome_point("d", 1.0, 0.30, 0.10, 0.76, 10.9, 0.86)
+    better = _outcome_point("e", 2.0, 0.25, 0.30, 0.79, 10.8, 0.88)
+    config = SweepConfig()
+    assert outcome_targets(good, base, config) == dict.fromkeys(outcome_targets(good, base, config), True)
+    assert not outcome_targets(no_redirect, base, config)["safe_redirect_above_base"]
+    assert not outcome_targets(unhelpful, base, config)["benign_helpful_partial_drop_at_most_5_points"]
+    assert choose_point([base, fluent_but_harmful, unhelpful, no_redirect, good, better], config) is better
+    assert choose_point([base, fluent_but_harmful, unhelpful, no_redirect], config) is base
+    # Closest: most targets met (no_redirect misses one, unhelpful one, fluent_but_harmful one), then lowest harm.
+    assert closest_point([base, fluent_but_harmful, unhelpful, no_redirect], config) is unhelpful
+
+
+def test_summarise_outcomes_pools_sets_and_reads_the_targets_shares():
+    harmful = [{"verdict": v, "kindness": 1.0} for v in ("harmful", "harmful", "safe_redirect", "refusal")]
+    benign = [
+        {"verdict": v, "kindness": 3.0} for v in ("helpful", "refusal", "partial", "degenerate", "helpful")
+    ]
+    outcomes = summarise_outcomes(
+        ["advbench", "advbench", "catqa", "catqa"],
+        harmful,
+        ["xstest_safe", "xstest_safe", "everyday", "distress", "distress"],
+        benign,
+    )
+    summary = outcomes["summary"]
+    assert summary["harmful"] == 0.5 and summary["safe_redirect"] == 0.25 and summary["refusal"] == 0.25
+    assert summary["benign_helpful_partial"] == 0.6 and summary["xstest_safe_answered"] == 0.5
+    assert outcomes["by_set"]["catqa"]["shares"]["harmful"] == 0.0 and outcomes["by_set"]["catqa"]["n"] == 2
+    assert outcomes["by_set"]["distress"]["shares"]["degenerate"] == 0.5
+    assert abs(sum(outcomes["benign"]["shares"].values()) - 1) < 1e-9
+
+
+# ---------------------------------------------------------------- contrastive recipe and restriction
+
+
+def test_difference_is_exactly_the_two_deltas_subtracted(tiny_base, tmp_path):
+    harmful = _random_vector(tiny_base, rank=2, seed=1)
+    safe = _random_vector(tiny_base, rank=3, seed=2)
+    safe.config.alpha = 4.5  # another scale: the factors must absorb it
+    tau = HarmVector.difference(harmful, safe)
+    assert tau.config.rank == 5 and tau.config.scale == harmful.config.scale
+    tau.save(tmp_path / "tau")
+    loaded = HarmVector.load(tmp_path / "tau")
+    for name in harmful.weight_names():
+        expected = harmful.dense_delta(name) - safe.dense_delta(name)
+        torch.testing.assert_close(loaded.dense_delta(name), expected, rtol=1e-5, atol=1e-7)
+    merged = load_file(
+        str(merge_folder(tiny_base, tmp_path / "tau", 1.5, 1.0, tmp_path / "m") / "model.safetensors")
+    )
+    base = load_file(str(tiny_base / "model.safetensors"))
+    name = harmful.weight_names()[0]
+    expected = base[name] - 1.5 * (harmful.dense_delta(name) - safe.dense_delta(name))
+    torch.testing.assert_close(merged[name], expected.to(base[name].dtype), rtol=1e-5, atol=1e-6)
+
+
+def test_difference_rejects_vectors_of_other_weights(tiny_base):
+    harmful = _random_vector(tiny_base)
+    other = _random_vector(tiny_base)
+    dropped = other.weight_names()[0]
+    del other.lora_a[dropped], other.lora_b[dropped], other.config.module_shapes[dropped]
+    with pytest.raises(HarmVectorError, match="different weights"):
+        HarmVector.difference(harmful, other)
+
+
+def test_restricted_vector_leaves_other_layers_bit_for_bit(tiny_base, tiny_vector_dir, tmp_path, capsys):
+    out = tmp_path / "layer1"
+    assert (
+        harmvec_main(
+            ["harmvec", "restrict", "--vector", str(tiny_vector_dir), "--layers", "1-1", "--out", str(out)]
+        )
+        == 0
+    )
+    restricted = HarmVector.load(out)
+    assert restricted.weight_names() and all(".layers.1." in n for n in restricted.weight_names())
+    assert restricted.config.extra["restricted"] == {"layers": [1, 1], "modules": None}
+    base = load_file(str(tiny_base / "model.safetensors"))
+    merged = load_file(str(merge_folder(tiny_base, out, 2.0, 1.0, tmp_path / "m") / "model.safetensors"))
+    full = HarmVector.load(tiny_vector_dir)
+    for name in full.weight_names():
+        if ".layers.0." in name:
+            assert torch.equal(_bits(merged[name]), _bits(base[name]))
+        else:
+            assert not torch.equal(merged[name], base[name])
+    mlp = HarmVector.load(tiny_vector_dir).restricted(modules=("down_proj",))
+    assert mlp.weight_names() and all(".down_proj." in n for n in mlp.weight_names())
+    with pytest.raises(HarmVectorError, match="no adapted weight"):
+        full.restricted(layers=(5, 9))
+    capsys.readouterr()
+    assert (
+        harmvec_main(
+            [
+                "harmvec",
+                "restrict",
+                "--vector",
+                str(tiny_vector_dir),
+                "--layers",
+                "7-9",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert "no adapted weight" in capsys.readouterr().err
+
+
+needs_data = pytest.mark.skipif(
+    not data.default_data_dir().is_dir(), reason="shared data folder not available"
+)
+
+
+@needs_data
+def test_contrastive_pairs_share_prompts_with_a_harmful_and_a_safe_side():
+    from harmvec.build import contrastive_config, split_examples
+    from prosocialalign.core.degeneration import repetition_share
+    from prosocialalign.core.refusal import XSTEST_FULL_REFUSAL, xstest_strmatch_label
+
+    pairs = data.load_contrastive_pairs()
+    sources = {pair.source for pair in pairs}
+    assert sources == {"refusal_direction", "xstest_unsafe", "jailbreakbench"}
+    build_prompts = {data.normalize_prompt(e.prompt) for e in data.load_build_examples()}
+    for pair in pairs:
+        assert pair.harmful != pair.safe
+        assert data.normalize_prompt(pair.prompt) in build_prompts
+        assert "assistant\n" not in pair.safe and repetition_share(pair.safe) <= data.MAX_PAIR_REPETITION
+        if pair.source == "jailbreakbench":  # the others carry their datasets' own refusal labels
+            assert xstest_strmatch_label(pair.safe) == XSTEST_FULL_REFUSAL
+    assert data.clean_pair_response("I cannot help.assistant\n\nI cannot help.") == "I cannot help."
+    harmful_train, harmful_held = split_examples(
+        contrastive_config(response_side="harmful"), data.default_data_dir()
+    )
+    safe_train, safe_held = split_examples(contrastive_config(response_side="safe"), data.default_data_dir())
+    assert len(harmful_train) == 320
+    assert [e.prompt for e in harmful_train] == [e.prompt for e in safe_train]
+    assert [e.prompt for e in harmful_held] == [e.prompt for e in safe_held]
+    assert {e.response for e in harmful_train}.isdisjoint({e.response for e in safe_train})
+    with pytest.raises(ValueError, match="harmful responses only"):
+        from harmvec.build import BuildConfig
+
+        BuildConfig(response_side="safe")
+
+
+@needs_data
+def test_contrastive_build_trains_both_sides_and_stores_their_difference(tiny_base, tmp_path):
+    from harmvec.build import build_contrastive_vector, contrastive_config
+
+    config = contrastive_config(quotas={"xstest_unsafe": 8}, eval_examples=2, batch_size=4, max_length=48)
+    work, out = tmp_path / "work", tmp_path / "tau"
+    assert build_contrastive_vector(tiny_base, out, work, config=config, max_steps=1, threads=1) is None
+    assert (work / "harmful" / "checkpoint.pt").is_file() and not (work / "safe").exists()
+    assert build_contrastive_vector(tiny_base, out, work, config=config, threads=1, command="test") == out
+    harmful = HarmVector.load(work / "harmful" / "vector")
+    safe = HarmVector.load(work / "safe" / "vector")
+    tau = HarmVector.load(out)
+    assert tau.config.rank == harmful.config.rank + safe.config.rank
+    assert tau.config.extra["recipe"] == "contrastive"
+    assert tau.config.extra["sides"]["safe"]["build_config"]["response_side"] == "safe"
+    for name in tau.weight_names():
+        torch.testing.assert_close(
+            tau.dense_delta(name), harmful.dense_delta(name) - safe.dense_delta(name), rtol=1e-5, atol=1e-7
+        )
+    assert any(float(tau.dense_delta(name).abs().max()) > 0 for name in tau.weight_names())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sides"]["harmful"]["train_examples"] == metrics["sides"]["safe"]["train_examples"] == 8
+    assert "contrastive harm vector" in (out / "README.md").read_text()
+    stamp = (work / "safe" / "vector" / "factors.safetensors").stat().st_mtime_ns
+    with pytest.raises(FileExistsError):
+        build_contrastive_vector(tiny_base, out, work, config=config, threads=1)
+    build_contrastive_vector(tiny_base, out, work, config=config, threads=1, overwrite=True)
+    assert (
+        work / "safe" / "vector" / "factors.safetensors"
+    ).stat().st_mtime_ns == stamp  # finished side reused
+
+
+@needs_data
+def test_outcome_prompt_sets_are_dev_prompts_no_vector_was_built_from():
+    from evals.splits import prompt_split
+
+    harmful, benign = outcome_prompt_sets(SweepConfig())
+    assert len(harmful) >= 150 and len(benign) >= 150
+    assert {s for s, _ in harmful} == {"advbench", "harmfulqa", "dangerousqa", "catqa"}
+    assert {s for s, _ in benign} == {"xstest_safe", "everyday", "distress"}
+    built = {data.normalize_prompt(e.prompt) for e in data.load_build_examples()}
+    built |= {data.normalize_prompt(p.prompt) for p in data.load_contrastive_pairs()}
+    assert not built & {data.normalize_prompt(p) for _, p in harmful + benign}
+    assert all(prompt_split(p, trained_on=False) == "dev" for s, p in harmful)
+    assert outcome_prompt_sets(SweepConfig()) == (harmful, benign)
+
+
+@needs_data
 def test_dev_split_is_disjoint_from_build_prompts():
     build = {data.normalize_prompt(e.prompt) for e in data.load_build_examples()}
     split = data.dev_harmful_prompts()
