@@ -250,11 +250,15 @@ def test_configmap_settings_are_real_server_settings(overlay: str, monkeypatch: 
     """Every PROSOCIAL_* key is read by the server (no silently ignored typo), and the settings parse.
 
     A key is read when it names a ServerSettings field, or when the server's code reads the variable itself
-    (PROSOCIAL_CACHE_DIR, read by prosocialalign/core/models.py).
+    (PROSOCIAL_CACHE_DIR, read by prosocialalign/core/paths.py, which the server imports).
     """
     from server.settings import ServerSettings
 
-    server_code = "\n".join(path.read_text() for path in (REPO_ROOT / "server").glob("*.py"))
+    server_code = "\n".join(
+        path.read_text()
+        for folder in ("server", "prosocialalign/core")
+        for path in (REPO_ROOT / folder).glob("*.py")
+    )
     data = only(rendered_overlay(overlay), "ConfigMap")["data"]
     for key, value in data.items():
         if not key.startswith("PROSOCIAL_"):
