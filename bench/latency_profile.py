@@ -18,6 +18,7 @@ Writes ``reports/latency_profile.json``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import shlex
 import statistics
@@ -27,9 +28,8 @@ import time
 from pathlib import Path
 
 import httpx
-import openai
 
-from bench.common import bench_prompts, machine, percentile, vllm_serve_command
+from bench.common import bench_prompts, machine, percentile, run_load, vllm_serve_command
 from bench.serving import ENGINE_FLAGS
 from prosocialalign.core.fileio import atomic_write_json
 from prosocialalign.core.launcher import ServerProcess, free_port, serve_command
@@ -138,36 +138,14 @@ def wire_timings(base_url: str, name: str, prompts: list[str], max_tokens: int) 
 
 
 def openai_client_timings(base_url: str, name: str, prompts: list[str], max_tokens: int) -> dict[str, float]:
-    """The same requests through the ``openai`` client (one kept-alive connection): what most callers see.
-
-    The Nagle stall showed here and not through bare httpx, whose reads happened to trigger the immediate ACK."""
-    client = openai.OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=600)
-    first_token_ms, gaps_ms = [], []
-    for prompt in prompts:
-        start = time.perf_counter()
-        last = None
-        stream = client.chat.completions.create(
-            model=name,
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=max_tokens,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True},
-        )
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                now = time.perf_counter()
-                if last is None:
-                    first_token_ms.append((now - start) * 1000)
-                else:
-                    gaps_ms.append((now - last) * 1000)
-                last = now
-    client.close()
+    """The same requests through the ``openai`` client (the benchmarks' load generator at concurrency 1, one
+    kept-alive connection): what most callers see. The Nagle stall showed here and not through bare httpx, whose
+    reads happened to trigger the immediate ACK."""
+    load = asyncio.run(run_load(base_url, name, prompts, 1, max_tokens))
     return {
-        "openai_first_token_ms": round(statistics.median(first_token_ms), 2),
-        "openai_first_token_p95_ms": round(percentile(first_token_ms, 95), 2),
-        "openai_inter_token_p50_ms": round(statistics.median(gaps_ms), 2),
+        "openai_first_token_ms": round(statistics.median(load.ttft_ms), 2),
+        "openai_first_token_p95_ms": round(percentile(load.ttft_ms, 95), 2),
+        "openai_inter_token_p50_ms": round(statistics.median(load.itl_ms), 2),
     }
 
 
