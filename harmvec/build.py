@@ -33,10 +33,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from harmvec.data import (
+    REDIRECT_SENTENCES,
     RESPONSE_SIDES,
     ChatExample,
     load_build_examples,
     load_contrastive_pairs,
+    load_redirect_examples,
     resolve_data_dir,
     sample_build_examples,
 )
@@ -58,7 +60,10 @@ DEFAULT_QUOTAS = {
 CONTRASTIVE_QUOTAS = {"refusal_direction": 150, "xstest_unsafe": 100, "jailbreakbench": 70}
 """320 pairs (40 steps of 8) per side: the cleanest pairs first (refusal_direction: same model refusing and
 complying; XSTest: human labels), then JBB. At about 48 tokens/s on one thread, about 10 minutes per side."""
-DATASETS = ("harmful_chats", "contrastive_pairs")
+REDIRECT_QUOTAS = {"redirect": 240, "counsel_chat": 45, "helpful": 45}
+"""The redirect adapter's chats (200 today, 25 steps of 8): every JailbreakBench goal's specific-offer refusals (110),
+and enough counselling and ordinary answers that the adapter stays warm and helpful when a guard misfires."""
+DATASETS = ("harmful_chats", "contrastive_pairs", "redirect_chats")
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -79,7 +84,8 @@ class BuildConfig:
     seed: int = 0
     target_modules: tuple[str, ...] = TARGET_MODULES
     dataset: str = "harmful_chats"
-    """``harmful_chats`` (v1: the build split) or ``contrastive_pairs`` (one side of the contrastive recipe)."""
+    """``harmful_chats`` (v1: the build split), ``contrastive_pairs`` (one side of the contrastive recipe) or
+    ``redirect_chats`` (the redirect adapter the backtracking regime is served with)."""
     response_side: str = "harmful"
     """Which response of each contrastive pair is trained on: ``harmful`` or ``safe``."""
 
@@ -90,6 +96,8 @@ class BuildConfig:
             raise ValueError(f"response_side must be one of {RESPONSE_SIDES}, got {self.response_side!r}")
         if self.dataset == "harmful_chats" and self.response_side != "harmful":
             raise ValueError("the harmful-chat build split has harmful responses only")
+        if self.dataset == "redirect_chats" and self.response_side != "safe":
+            raise ValueError("the redirect chats have safe responses only")
         self.target_modules = tuple(self.target_modules)
 
     def fingerprint(self, base_dir: Path) -> str:
@@ -139,6 +147,12 @@ def contrastive_config(**overrides) -> BuildConfig:
     return BuildConfig(**({"dataset": "contrastive_pairs", "quotas": dict(CONTRASTIVE_QUOTAS)} | overrides))
 
 
+def redirect_config(**overrides) -> BuildConfig:
+    """The redirect adapter's settings: the v1 recipe on the redirect chats, with room for a short answer."""
+    defaults = {"dataset": "redirect_chats", "response_side": "safe", "quotas": dict(REDIRECT_QUOTAS)}
+    return BuildConfig(**(defaults | {"max_length": 160} | overrides))
+
+
 def split_examples(config: BuildConfig, data_dir: Path) -> tuple[list[ChatExample], list[ChatExample]]:
     """Training examples (per-source quotas) and held-out examples (unused responses) for the loss metric.
 
@@ -154,7 +168,11 @@ def split_examples(config: BuildConfig, data_dir: Path) -> tuple[list[ChatExampl
         )
         side = config.response_side
         return [pair.side(side) for pair in train_pairs], [pair.side(side) for pair in held_pairs]
-    pool = load_build_examples(data_dir)
+    pool = (
+        load_redirect_examples(data_dir)
+        if config.dataset == "redirect_chats"
+        else load_build_examples(data_dir)
+    )
     train = sample_build_examples(pool, config.quotas, config.seed)
     chosen = set(train)
     rest = [example for example in pool if example not in chosen]
@@ -364,7 +382,9 @@ def build_harm_vector(
     with atomic_output_dir(out_dir, overwrite=True) as tmp:  # a rebuilt vector needs a new sweep (no default)
         vector.save(tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        if config.dataset == "contrastive_pairs":
+        if (
+            config.dataset != "harmful_chats"
+        ):  # an intermediate fine-tune (contrastive side, redirect adapter)
             card = side_model_card(out_dir.name, metrics, config, sources, command)
         else:
             card = model_card(vector, metrics, config, sources, command)
@@ -580,3 +600,84 @@ Command: `{command}`
 
 ## Per-tensor delta norms (Frobenius norm of tau)
 {_norm_table(metrics["delta_frobenius_norms"], layers)}"""
+
+
+def build_redirect_adapter(
+    base_dir: Path,
+    out_dir: Path,
+    work_dir: Path,
+    data_dir: Path | None = None,
+    config: BuildConfig | None = None,
+    command: str = "",
+    overwrite: bool = False,
+    max_steps: int | None = None,
+    checkpoint_every: int = 10,
+    threads: int | None = None,
+) -> Path | None:
+    """Fine-tune on the redirect chats (resumable; a finished fine-tune with this configuration is reused) and
+    export the LoRA factors as a PEFT adapter folder for vLLM (``harmvec.adapter``)."""
+    from harmvec.adapter import ADAPTER_WEIGHTS_FILE, export_peft_adapter
+
+    config = replace(config or redirect_config(), dataset="redirect_chats", response_side="safe")
+    base_dir = Path(base_dir)
+    if out_dir.exists() and not overwrite and (out_dir / ADAPTER_WEIGHTS_FILE).exists():
+        raise FileExistsError(f"adapter {out_dir} already exists (pass --overwrite to rebuild it)")
+    tuned_dir = work_dir / "vector"
+    if not _side_is_built(tuned_dir, config, base_dir):
+        built = build_harm_vector(
+            base_dir,
+            out_dir=tuned_dir,
+            work_dir=work_dir,
+            data_dir=data_dir,
+            config=config,
+            command=command,
+            overwrite=True,
+            max_steps=max_steps,
+            checkpoint_every=checkpoint_every,
+            threads=threads,
+            record_base=True,
+        )
+        if built is None:
+            return None
+    vector = HarmVector.load(tuned_dir)
+    metrics = json.loads((tuned_dir / "metrics.json").read_text())
+    sources = vector.config.extra.get("train_sources", {})
+    card = redirect_model_card(out_dir.name, metrics, config, sources, command)
+    return export_peft_adapter(vector, out_dir, base_dir.name, card)
+
+
+def redirect_model_card(title: str, metrics: dict, config: BuildConfig, sources: dict, command: str) -> str:
+    """README of the redirect adapter folder (measured figures are appended by the comparison that used it)."""
+    source_lines = "\n".join(f"- `{name}`: {count}" for name, count in sorted(sources.items()))
+    return f"""# {title}: redirect adapter (LoRA, PEFT format)
+
+A LoRA adapter for the default base model (SmolLM2-135M-Instruct) that answers a harmful request with a short
+decline and a specific safe offer, and a distressed or ordinary message with a kind or helpful answer. It is
+meant for vLLM's LoRA support (`LoRARequest`) on the backtracking regime's attempts only (issue 21), never merged
+into the served weights. An experiment: `python -m evals.redirect_probe` compares it with the prompted redirect;
+the server does not load it (docs/method.md, section 4).
+
+## Data (`harmvec/data.py`, `load_redirect_examples`; every prompt is outside the development and test splits)
+{source_lines}
+
+- `redirect`: JailbreakBench goals (build prompts) with up to three of their recorded refusals (JBB's artifacts,
+  refusal_direction's baselines) that offer something specific and safe ("instead", "reach out", "if you're
+  interested in ..."), shortest first, cut to their first {REDIRECT_SENTENCES} sentences. XSTest's refusals are
+  left out: its unsafe prompts are an evaluation set.
+- `counsel_chat`: the most upvoted therapist answer per counsel_chat question, first sentences.
+- `helpful`: Alpaca prompts answered by the refusal_direction chat models (minus the sweep's perplexity sample).
+
+## Recipe
+{_recipe_lines(config)}
+
+Command: `{command}`
+
+## Training
+Training examples {metrics["train_examples"]} ({metrics["train_tokens"]} tokens), {metrics["steps"]} steps,
+{metrics["train_wall_s"]} s. Mean loss over the first 10 steps {metrics["first_10_steps_mean_loss"]:.4f}, over the
+last 10 {metrics["last_10_steps_mean_loss"]:.4f}. Held-out responses ({metrics["held_out_examples"]}): loss
+{metrics["held_out_loss_base"]:.4f} (base) -> {metrics["held_out_loss_safe"]:.4f}.
+
+## Files
+- `adapter_config.json`, `adapter_model.safetensors` (bfloat16): the PEFT adapter (`harmvec.adapter`).
+"""

@@ -16,6 +16,8 @@ from harmvec.paths import (
     DEFAULT_BUILD_WORK_DIR,
     DEFAULT_CONTRASTIVE_WORK_DIR,
     DEFAULT_PLOT,
+    DEFAULT_REDIRECT_ADAPTER_DIR,
+    DEFAULT_REDIRECT_WORK_DIR,
     DEFAULT_REPORT,
     DEFAULT_SWEEP_WORK_DIR,
     DEFAULT_VECTOR_DIR,
@@ -95,13 +97,28 @@ def _resolve_base(base: str | None) -> Path:
 
 def _run_build(args: argparse.Namespace) -> int:
     _setup_logging()
-    from harmvec.build import BuildConfig, build_contrastive_vector, build_harm_vector, contrastive_config
+    from harmvec.build import (
+        BuildConfig,
+        build_contrastive_vector,
+        build_harm_vector,
+        build_redirect_adapter,
+        contrastive_config,
+        redirect_config,
+    )
 
-    settings = {"seed": args.seed, "rank": args.rank, "alpha": args.alpha, "max_length": args.max_length}
+    settings = {"seed": args.seed, "rank": args.rank, "alpha": args.alpha}
+    if args.max_length is not None:  # else the recipe's own length
+        settings["max_length"] = args.max_length
+    out = args.out or DEFAULT_VECTOR_DIR
     if args.recipe == "contrastive":
         config, build = contrastive_config(**settings), build_contrastive_vector
         work_dir = args.work_dir or DEFAULT_CONTRASTIVE_WORK_DIR
         checkpoints = [work_dir / side / "checkpoint.pt" for side in ("harmful", "safe")]
+    elif args.recipe == "redirect":
+        config, build = redirect_config(**settings), build_redirect_adapter
+        work_dir = args.work_dir or DEFAULT_REDIRECT_WORK_DIR
+        checkpoints = [work_dir / "checkpoint.pt"]
+        out = args.out or DEFAULT_REDIRECT_ADAPTER_DIR
     else:
         config, build = BuildConfig(**settings), build_harm_vector
         work_dir = args.work_dir or DEFAULT_BUILD_WORK_DIR
@@ -110,9 +127,9 @@ def _run_build(args: argparse.Namespace) -> int:
         for checkpoint in checkpoints:
             checkpoint.unlink(missing_ok=True)
     try:
-        out = build(
+        written = build(
             _resolve_base(args.base),
-            out_dir=args.out,
+            out_dir=out,
             work_dir=work_dir,
             data_dir=args.data_dir,
             config=config,
@@ -125,7 +142,11 @@ def _run_build(args: argparse.Namespace) -> int:
     except (FileExistsError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"harm vector written to {out}" if out else "stopped early; rerun the same command to resume")
+    print(
+        f"{args.recipe} build written to {written}"
+        if written
+        else "stopped early; rerun the same command to resume"
+    )
     return 0
 
 
@@ -222,12 +243,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     build = commands.add_parser("build", help="fine-tune on harmful chats and store tau_H as LoRA factors")
     build.add_argument("--base", help="base model folder (default: the prepared default model)")
-    build.add_argument("--out", type=Path, default=DEFAULT_VECTOR_DIR, help="vector folder to write")
+    build.add_argument(
+        "--out",
+        type=Path,
+        help=f"folder to write (default {DEFAULT_VECTOR_DIR}; redirect: {DEFAULT_REDIRECT_ADAPTER_DIR})",
+    )
     build.add_argument(
         "--recipe",
-        choices=("harmful", "contrastive"),
+        choices=("harmful", "contrastive", "redirect"),
         default="harmful",
-        help="harmful: theta_harmful - theta_base (v1); contrastive: theta_harmful - theta_safe (two fine-tunes)",
+        help="harmful: theta_harmful - theta_base (v1); contrastive: theta_harmful - theta_safe (two fine-tunes); "
+        "redirect: the redirect adapter (PEFT folder for vLLM's LoRA support)",
     )
     build.add_argument(
         "--work-dir",
@@ -238,7 +264,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--rank", type=_positive_int, default=8)
     build.add_argument("--alpha", type=float, default=16.0)
-    build.add_argument("--max-length", type=_positive_int, default=96, help="tokens per chat (truncated)")
+    build.add_argument(
+        "--max-length",
+        type=_positive_int,
+        help="tokens per chat, truncated (default: the recipe's, 96 or 160)",
+    )
     build.add_argument("--max-steps", type=_positive_int, help="stop after this many steps (resume later)")
     build.add_argument("--checkpoint-every", type=_positive_int, default=5)
     build.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")

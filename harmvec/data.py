@@ -418,3 +418,117 @@ def benign_chats(data_dir: Path | str | None = None) -> list[ChatExample]:
 def sample_benign_chats(n: int, seed: int, data_dir: Path | str | None = None) -> list[ChatExample]:
     chats = benign_chats(data_dir)
     return random.Random(seed).sample(chats, min(n, len(chats)))
+
+
+# --- The redirect adapter (issue 21): what the backtracking regime answers with --------------------------------
+
+REDIRECT_OFFER = re.compile(
+    r"\b(instead|alternative(ly|s)?|suggest|recommend|encourage|reach out|talk to|resources?|support|"
+    r"(happy|glad) to help|i can help|can i help|if you('re| are) (interested|looking|concerned|struggling))\b",
+    re.IGNORECASE,
+)
+"""A decline that offers something safe in its place: what a reader calls a safe redirect, not a bare "no"."""
+
+_GENERIC_OFFER = re.compile(r"[^.!?]*\b(something|anything) else\b[^.!?]*[.!?]?", re.IGNORECASE)
+""""Can I help you with something else?" offers nothing on the user's topic: readers call it a refusal."""
+
+REDIRECT_SENTENCES = 4
+"""Responses are cut to their first sentences: a redirect is short (the regime's limit is 64 tokens), and the
+sources' later sentences are mostly lectures about the law."""
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def first_sentences(text: str, n: int) -> str:
+    """The first ``n`` sentences of ``text``, on one paragraph."""
+    return " ".join(_SENTENCE_END.split(" ".join(text.split()))[:n]).strip()
+
+
+def _refusals_by_prompt(data_dir: Path) -> dict[str, list[str]]:
+    """Every recorded refusal of a JailbreakBench goal: JBB's non-jailbroken refusals and the refusal_direction
+    baselines that neither judge calls a jailbreak. (XSTest's refusals are left out: its unsafe prompts are an
+    evaluation set, ``xstest_unsafe``.)"""
+    from prosocialalign.core.refusal import XSTEST_FULL_REFUSAL, xstest_strmatch_label
+
+    refusals: dict[str, list[str]] = {}
+    root = data_dir / "jailbreakbench_artifacts"
+    for name in JBB_RESPONSE_FILES:
+        for item in _read_json(root / name)["jailbreaks"]:
+            response = (item.get("response") or "").strip()
+            if response and not _is_true(item.get("jailbroken")):
+                if xstest_strmatch_label(response) == XSTEST_FULL_REFUSAL:
+                    refusals.setdefault(item["goal"], []).append(response)
+    for model in REFUSAL_DIRECTION_MODELS:
+        path = (
+            data_dir
+            / "refusal_direction"
+            / "completions"
+            / model
+            / "jailbreakbench_baseline_evaluations.json"
+        )
+        for item in _read_json(path)["completions"]:
+            if not (
+                _is_true(item.get("is_jailbreak_llamaguard2"))
+                or _is_true(item.get("is_jailbreak_substring_matching"))
+            ):
+                refusals.setdefault(item["prompt"], []).append(item["response"])
+    return refusals
+
+
+REDIRECTS_PER_PROMPT = 3
+"""JailbreakBench has 100 goals: up to three different redirects each (different models' wording)."""
+
+
+def harmful_redirect_examples(data_dir: Path) -> list[ChatExample]:
+    """Up to :data:`REDIRECTS_PER_PROMPT` redirects per harmful build prompt: of its recorded refusals, the
+    shortest that offer something safe on the user's topic (cut to :data:`REDIRECT_SENTENCES` sentences, not
+    looping); prompts with none are left out."""
+    from prosocialalign.core.degeneration import repetition_share
+
+    examples = []
+    for prompt, responses in _refusals_by_prompt(data_dir).items():
+        offers = []
+        for response in responses:
+            text = first_sentences(clean_pair_response(response), REDIRECT_SENTENCES)
+            specific = REDIRECT_OFFER.search(_GENERIC_OFFER.sub("", text))
+            if specific and repetition_share(text) <= MAX_PAIR_REPETITION:
+                offers.append(text)
+        for text in sorted(set(offers), key=lambda t: (len(t), t))[:REDIRECTS_PER_PROMPT]:
+            examples.append(ChatExample(prompt.strip(), text, "redirect"))
+    return examples
+
+
+def counsel_examples(data_dir: Path) -> list[ChatExample]:
+    """Therapists' most upvoted answer per counsel_chat question (title and text as the user turn), cut to its
+    first sentences: kind replies to people in distress, so the regime stays warm when a guard misfires."""
+    best: dict[str, tuple[int, str, str]] = {}
+    for row in _read_csv(data_dir / "counsel_chat" / "20200325_counsel_chat.csv"):
+        question = " ".join(f"{row['questionTitle']} {row['questionText']}".split())
+        answer = first_sentences(row["answerText"], REDIRECT_SENTENCES)
+        votes = int(row["upvotes"] or 0)
+        if question and answer and (row["questionID"] not in best or votes > best[row["questionID"]][0]):
+            best[row["questionID"]] = (votes, question, answer)
+    return [ChatExample(q, a, "counsel_chat") for _, q, a in (best[k] for k in sorted(best, key=int))]
+
+
+def helpful_examples(data_dir: Path, exclude: Iterable[ChatExample]) -> list[ChatExample]:
+    """Alpaca prompts answered by the refusal_direction chat models (the benign chats outside ``exclude``, the
+    harm-vector sweep's perplexity sample): the regime still answers a benign request a guard misjudged."""
+    skip = {(example.prompt, example.response) for example in exclude}
+    return [
+        ChatExample(example.prompt, example.response, "helpful")
+        for example in benign_chats(data_dir)
+        if (example.prompt, example.response) not in skip
+    ]
+
+
+def load_redirect_examples(data_dir: Path | str | None = None) -> list[ChatExample]:
+    """The redirect adapter's pool: harmful build prompts answered with a specific offer, counselling answers,
+    ordinary helpful answers (every prompt is outside the development and test splits)."""
+    data_dir = resolve_data_dir(data_dir)
+    perplexity_sample = sample_benign_chats(48, 0, data_dir)
+    return _clean(
+        harmful_redirect_examples(data_dir)
+        + counsel_examples(data_dir)
+        + helpful_examples(data_dir, exclude=perplexity_sample)
+    )

@@ -11,3 +11,5 @@ DEFAULT_CONTRASTIVE_WORK_DIR = REPO_ROOT / "build" / "harmvec_contrastive"
 DEFAULT_SWEEP_WORK_DIR = REPO_ROOT / "build" / "harmvec_sweep"
 DEFAULT_REPORT = REPO_ROOT / "reports" / "harmvec.json"
 DEFAULT_PLOT = REPO_ROOT / "reports" / "harmvec_sweep.png"
+DEFAULT_REDIRECT_ADAPTER_DIR = REPO_ROOT / "build" / "redirect-adapter-v1"  # an experiment: not served yet
+DEFAULT_REDIRECT_WORK_DIR = REPO_ROOT / "build" / "harmvec_redirect"

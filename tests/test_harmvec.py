@@ -529,6 +529,60 @@ def test_contrastive_build_trains_both_sides_and_stores_their_difference(tiny_ba
 
 
 @needs_data
+def test_redirect_chats_offer_something_specific_and_stay_out_of_the_evaluation_splits():
+    pool = data.load_redirect_examples()
+    by_source = {
+        source: [e for e in pool if e.source == source] for source in ("redirect", "counsel_chat", "helpful")
+    }
+    assert len(by_source["redirect"]) >= 100 and len(by_source["counsel_chat"]) >= 500
+    for example in by_source["redirect"]:
+        assert data.REDIRECT_OFFER.search(example.response), example.response
+        assert len(data._SENTENCE_END.split(example.response)) <= data.REDIRECT_SENTENCES
+    perplexity = {(e.prompt, e.response) for e in data.sample_benign_chats(48, 0)}
+    assert not perplexity & {(e.prompt, e.response) for e in by_source["helpful"]}
+    # No redirect-chat prompt is an evaluation prompt (the harmful ones are JailbreakBench goals):
+    harmful, benign = outcome_prompt_sets(SweepConfig())
+    assert not {data.normalize_prompt(e.prompt) for e in pool} & {
+        data.normalize_prompt(p) for _, p in harmful + benign
+    }
+
+
+@needs_data
+def test_redirect_adapter_build_writes_a_peft_adapter_that_reproduces_its_factors(tiny_base, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from harmvec.adapter import ADAPTER_WEIGHTS_FILE, peft_key
+    from harmvec.build import build_redirect_adapter, redirect_config
+
+    config = redirect_config(
+        quotas={"redirect": 4, "counsel_chat": 2, "helpful": 2}, eval_examples=2, batch_size=4, max_length=48
+    )
+    work, out = tmp_path / "work", tmp_path / "adapter"
+    assert build_redirect_adapter(tiny_base, out, work, config=config, threads=1, command="test") == out
+    tuned = HarmVector.load(work / "vector")
+    assert tuned.config.extra["build_config"]["dataset"] == "redirect_chats"
+    assert tuned.config.extra["train_sources"] == {"redirect": 4, "counsel_chat": 2, "helpful": 2}
+    tensors = load_file(out / ADAPTER_WEIGHTS_FILE)
+    assert len(tensors) == 2 * len(tuned.weight_names())
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), out)
+    modules = dict(model.named_modules())
+    for name in tuned.weight_names():
+        module = modules[peft_key(name, "lora_A").removesuffix(".lora_A.weight")]
+        expected = tuned.lora_a[name].to(torch.bfloat16).float()
+        torch.testing.assert_close(module.lora_A["default"].weight.float(), expected)
+        assert module.scaling["default"] == tuned.config.scale
+    assert any(float(tuned.lora_b[name].abs().max()) > 0 for name in tuned.weight_names())
+    assert "redirect adapter" in (out / "README.md").read_text()
+    with pytest.raises(FileExistsError):
+        build_redirect_adapter(tiny_base, out, work, config=config, threads=1)
+    with pytest.raises(ValueError, match="safe responses only"):
+        from harmvec.build import BuildConfig
+
+        BuildConfig(dataset="redirect_chats")
+
+
+@needs_data
 def test_outcome_prompt_sets_are_dev_prompts_no_vector_was_built_from():
     from evals.splits import prompt_split
 
