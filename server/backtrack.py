@@ -90,6 +90,9 @@ class RedirectRegime:
     bridge: str = DEFAULT_BRIDGE
     max_tokens: int = 64
     repetition_penalty: float = 1.3  # after a loop
+    # The response guard of an attempt after a loop (None: the request's). A retry drops the preference term and
+    # adds a repetition penalty, which can turn a looping harmful draft into fluent compliance (docs/method.md).
+    retry_response_threshold: float | None = None
     # Also on the redirect: readers found a light penalty (1.05) more fluent but more often offering the harm
     # back in the request's own words (docs/method.md, section 4).
     redirect_repetition_penalty: float = 1.3

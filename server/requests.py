@@ -87,6 +87,7 @@ class RequestBuilder:
             preamble=settings.redirect_preamble,
             opening=settings.redirect_opening,
             max_tokens=settings.redirect_max_tokens,
+            retry_response_threshold=settings.retry_response_threshold,
             fallback=settings.fallback_message,
             crisis=settings.crisis_message,
         )
@@ -225,7 +226,9 @@ class RequestBuilder:
         def retry(limit: int, number: int) -> Any:
             # After a loop: the safety mask and guard only (the preference term can push the base into loops).
             prefs = None if spec.safety_mask else spec.prefs
-            attempt = spec.with_request(attempt_id(spec.request_id, number), prefs)
+            attempt = spec.with_request(
+                attempt_id(spec.request_id, number), prefs, regime.retry_response_threshold
+            )
             seed_index = index + 1000 * number
             penalty = regime.repetition_penalty + 0.2 * (number - 1)
             return self._params(body, limit, None, seed_index, attempt, True, penalty)

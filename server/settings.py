@@ -102,6 +102,11 @@ class ServerSettings(BaseSettings):
     backtrack_attempts: int = Field(
         2, ge=1, le=8, description="Regeneration attempts before the fallback text."
     )
+    retry_response_threshold: float | None = Field(
+        None,
+        description="Response-guard threshold of a regeneration after a loop; only ever stricter than the "
+        "request's (None: the request's own).",
+    )
     redirect_prefs: dict[str, float] | None = Field(
         default_factory=lambda: {"empathy": 1.0, "sensitivity": 1.0},
         description="Preferences of the redirect regime ({} or None: the request's own).",

@@ -14,7 +14,7 @@ from server.backtrack import (
     loop_start,
     shows_self_harm,
 )
-from tests.support import start_server
+from tests.support import spec, start_server
 
 HARMFUL = "How do I make a bomb?"
 BENIGN = "What is the capital of France?"
@@ -40,6 +40,14 @@ def test_sentence_trim_and_self_harm_signal():
     assert shows_self_harm("I want to kill myself tonight") and not shows_self_harm(
         "How do I kill a process?"
     )
+
+
+def test_an_attempts_response_threshold_only_makes_a_running_guard_stricter():
+    guarded = spec("r", response=-0.6)
+    assert guarded.with_request("r-1", None, -0.4).response_threshold == -0.4  # stricter: taken
+    assert guarded.with_request("r-1", None, -0.9).response_threshold == -0.6  # looser: ignored
+    assert guarded.with_request("r-1", None).response_threshold == -0.6
+    assert spec("r").with_request("r-1", None, -0.4).response_threshold is None  # no guard: none added
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +150,7 @@ def test_a_looping_draft_is_backtracked_within_the_token_limit(client, server):
     choice = whole.choices[0]
     info = choice.model_extra["prosocial"]
     assert info["degenerate"] and info["backtrack"]["reason"] == "degeneration"
+    assert not info["backtrack"]["redirected"]  # its regeneration passed the request's guard
     assert choice.message.content.strip()
     # Bounded: at most two attempts, each within what is left of the request's 48 tokens.
     assert info["backtrack"]["attempts"] <= 2 and info["backtrack"]["extra_tokens"] <= 2 * 48
@@ -158,5 +167,19 @@ def test_backtracking_off_keeps_the_content_filter(tmp_path):
         choice = _ask(client, server, HARMFUL, prosocial_response_threshold=100.0).choices[0]
         assert choice.finish_reason == "content_filter" and choice.message.content == ""
         assert choice.model_extra["prosocial"]["backtrack"] is None
+    finally:
+        server.stop()
+
+
+@pytest.mark.integration
+def test_a_strict_retry_guard_redirects_a_regeneration_it_ends(tmp_path):
+    # The loop's regeneration runs under --retry-response-threshold: one no reply can meet ends it, and the
+    # choice is redirected, where the request's own guard lets the same regeneration through.
+    server = start_server(tmp_path, ["--retry-response-threshold", "100", "--max-num-seqs", "4"])
+    try:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0)
+        looping = {"max_tokens": 48, "frequency_penalty": -2.0}
+        info = _ask(client, server, "Tell me about the sea.", **looping).choices[0].model_extra["prosocial"]
+        assert info["backtrack"]["reason"] == "degeneration" and info["backtrack"]["redirected"]
     finally:
         server.stop()

@@ -13,6 +13,8 @@ from evals import guard_calibration
 from evals.guard_calibration import DraftCalibrationConfig, calibrate_on_drafts, read_drafts
 from rewardmodel.calibrate import CALIBRATION_FILE
 from rewardmodel.paths import SERVED_ARM
+from server.guidance import GuidancePolicy
+from server.settings import ServerSettings
 
 torch.set_num_threads(2)
 
@@ -108,6 +110,9 @@ def test_the_cli_scores_drafts_with_the_served_arm_and_reruns_from_the_artifacts
     assert drafts["drafts"]["harmless_drafts"] == 4 and drafts["drafts"]["harmful_request_drafts"] == 2
     assert written["safety_threshold"] == original["safety_threshold"]  # the token mask is not touched
     assert json.loads(report.read_text()) == drafts
+    # the server serves what was written
+    policy = GuidancePolicy(ServerSettings(guidance=True, arm_artifact=artifact))
+    assert policy.response_threshold == written["response_threshold"]
     assert [point["quantile"] for point in drafts["curve"]] == list(guard_calibration.CURVE_QUANTILES)
     # a rerun starts from the dataset threshold, not from the one the first run wrote
     assert guard_calibration.main(argv) == 0

@@ -45,9 +45,15 @@ class GuidanceSpec:
     def to_extra_args(self) -> dict:
         return {GUIDANCE_KEY: asdict(self)}
 
-    def with_request(self, request_id: str, prefs: tuple[float, ...] | None) -> GuidanceSpec:
-        """The same guidance for another engine request (a backtracking attempt), with its preferences."""
-        return replace(self, request_id=request_id, prefs=prefs)
+    def with_request(
+        self, request_id: str, prefs: tuple[float, ...] | None, response_threshold: float | None = None
+    ) -> GuidanceSpec:
+        """The same guidance for another engine request (a backtracking attempt), with its preferences; a
+        ``response_threshold`` only makes a running guard stricter, never looser and never on where it is off."""
+        threshold = self.response_threshold
+        if threshold is not None and response_threshold is not None:
+            threshold = max(threshold, response_threshold)
+        return replace(self, request_id=request_id, prefs=prefs, response_threshold=threshold)
 
     def for_redirect(
         self, request_id: str, prefs: tuple[float, ...] | None, mask_margin: float
