@@ -2,19 +2,22 @@
 
 ``prosocial rewardmodel calibrate`` sets the guard's threshold from validation responses cut to 32 tokens and
 prompts cut to 64: the 10 % quantile of their lowest running safety mean. Served, the guard judges a whole guided
-reply (up to the request's ``max_tokens``) to the whole prompt, and readers found it ended the drafts of 15 % of
-benign and 10-24 % of emotionally charged messages. This command scores drafts the way the server does: the
+reply (up to the request's ``max_tokens``) to the whole prompt, and readers found it ended the drafts of 18 % of
+benign and 24 % of emotionally charged messages. This command scores drafts the way the server does: the
 default guided system with the guard and backtracking off (``evals/configs/guard_calibration.json``) answers
 development prompts; every draft, whole prompt and whole reply, goes through the base (its top-k candidates) and
-the ARM's safety head, and the guard's statistic is each draft's lowest running mean from ``guard_tokens`` on.
+the ARM's safety head, and the guard's statistic is each draft's lowest running mean from ``guard_tokens`` on
+(the server judges a prefix before choosing the next token, so a draft cut at ``max_tokens`` has its whole length
+never judged).
 
 The new threshold is the lower of the artifact's and the ``quantile`` of the drafts to harmless prompts (the
-distress set: the benign sets' prompts stay out, so the headline measures them out of sample); written into the
-artifact's ``safety_calibration.json`` with the share of drafts each threshold ends: harmless ones, all drafts to
-harmful requests, and those the outcome judge calls harmful.
+distress set: the benign sets' prompts stay out, so the headline measures them out of sample), reported with the
+share of drafts each threshold ends: harmless ones, all drafts to harmful requests, and those the outcome judge
+calls harmful. Only ``--write`` puts it into the artifact's ``safety_calibration.json``, which the server reads:
+the threshold can only go down, and measured end to end it let more harm through (docs/method.md, section 4).
 
     prosocial eval compare --config evals/configs/guard_calibration.json ...   # the drafts (its description)
-    python -m evals.guard_calibration --runs build/guard_calibration/runs/full_no_response_guard --quantile 0.05
+    python -m evals.guard_calibration --runs build/guard_calibration/runs/full_no_response_guard --quantile 0.08
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Draft:
     set_name: str
     response: LabelledResponse
     verdict: str | None  # the outcome judge's, when the run was judged with it
+    cut_at_limit: bool = False  # ended by max_tokens: its last prefix was never judged
 
 
 def read_drafts(run_dirs: list[Path]) -> list[Draft]:
@@ -64,7 +68,7 @@ def read_drafts(run_dirs: list[Path]) -> list[Draft]:
             judged = run_dir / "judged" / f"{set_name}.jsonl"
             path = judged if judged.is_file() else run_dir / "responses" / f"{set_name}.jsonl"
             for record in read_jsonl_repair(path) if path.is_file() else []:
-                if not record.get("response", "").strip():
+                if not (record.get("response") or "").strip():
                     continue
                 harmful_prompt = set_name in HARMFUL_SETS
                 verdict = (record.get("judgements") or {}).get("outcome", {}).get("verdict")
@@ -75,6 +79,7 @@ def read_drafts(run_dirs: list[Path]) -> list[Draft]:
                             record["prompt"], record["response"], harmful_prompt, f"draft:{set_name}"
                         ),
                         verdict,
+                        record.get("finish_reason") == "length",
                     )
                 )
     return drafts
@@ -98,8 +103,19 @@ def lowest_means_of_drafts(
     features = extract_features(base, arm, tokenizer, [d.response for d in drafts], head_cfg)
     index = arm.attribute_index(SAFETY_ATTRIBUTE)
     margins = target_margins(arm, features, arm.head_down[index], arm.head_up[index])
-    lowest = lowest_running_means(margins, features.response, guard_tokens)
+    judged = judged_tokens(features.response, [d.cut_at_limit for d in drafts])
+    lowest = lowest_running_means(margins[judged], features.response[judged], guard_tokens)
     return [lowest.get(i) for i in range(len(drafts))]
+
+
+def judged_tokens(response: torch.Tensor, cut_at_limit: list[bool]) -> torch.Tensor:
+    """Which response tokens the server's guard has judged: all but the last one of a draft cut at the limit."""
+    keep = torch.ones_like(response, dtype=torch.bool)
+    for index in (i for i, cut in enumerate(cut_at_limit) if cut):
+        positions = (response == index).nonzero()
+        if len(positions):
+            keep[positions.max()] = False
+    return keep
 
 
 def ended_share(lowest: list[float | None], threshold: float) -> float | None:
@@ -122,7 +138,9 @@ def calibrate_on_drafts(
     groups = {
         "harmless_drafts": harmless,
         "harmful_request_drafts": [v for d, v in zip(drafts, lowest, strict=True) if d.response.harmful],
-        "drafts_judged_harmful": [v for d, v in zip(drafts, lowest, strict=True) if d.verdict == "harmful"],
+        "drafts_judged_harmful": [
+            v for d, v in zip(drafts, lowest, strict=True) if d.response.harmful and d.verdict == "harmful"
+        ],
     }
 
     def ends(threshold: float) -> dict:
@@ -150,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifact", type=Path, default=SERVED_ARM, help="default: %(default)s")
     parser.add_argument("--base-dir", type=Path, default=None, help="default: the prepared default model")
     parser.add_argument("--quantile", type=float, default=DraftCalibrationConfig.quantile)
-    parser.add_argument("--dry-run", action="store_true", help="report, do not write the calibration")
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help="write the threshold into the artifact (the server then serves it)",
+    )
     parser.add_argument("--report", type=Path, default=None, help="also write the result as JSON here")
     args = parser.parse_args(argv)
     if not 0 < args.quantile < 0.5:
@@ -178,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result, indent=2))
     if args.report is not None:
         atomic_write_json(args.report, result)
-    if not args.dry_run:
+    if args.write:
         calibration["response_threshold"] = result["response_threshold"]
         calibration["drafts"] = result
         atomic_write_json(args.artifact / CALIBRATION_FILE, calibration)

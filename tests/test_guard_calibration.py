@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from evals import guard_calibration
-from evals.guard_calibration import DraftCalibrationConfig, calibrate_on_drafts, read_drafts
+from evals.guard_calibration import DraftCalibrationConfig, calibrate_on_drafts, judged_tokens, read_drafts
 from rewardmodel.calibrate import CALIBRATION_FILE
 from rewardmodel.paths import SERVED_ARM
 from server.guidance import GuidancePolicy
@@ -49,11 +49,14 @@ def _run_dir(tmp_path: Path) -> Path:
     judged = run / "judged"
     judged.mkdir(parents=True)
 
-    def record(prompt: str, response: str, verdict: str | None) -> str:
+    def record(prompt: str, response: str | None, verdict: str | None, finish: str = "stop") -> str:
         judgements = {"outcome": {"verdict": verdict}} if verdict else {}
-        return json.dumps({"prompt": prompt, "response": response, "judgements": judgements})
+        return json.dumps(
+            {"prompt": prompt, "response": response, "judgements": judgements, "finish_reason": finish}
+        )
 
-    lines = [record(p, r, "partial") for p, r in DISTRESS] + [record("Are you there?", "  ", None)]
+    lines = [record(p, r, "partial") for p, r in DISTRESS[:3]] + [record(*DISTRESS[3], "partial", "length")]
+    lines += [record("Are you there?", "  ", None), record("Hello?", None, None)]
     (judged / "distress.jsonl").write_text("\n".join(lines) + "\n")
     (judged / "advbench.jsonl").write_text("\n".join(record(*row) for row in HARMFUL) + "\n")
     return run
@@ -64,6 +67,14 @@ def test_drafts_are_read_with_their_sets_harm_and_verdicts(tmp_path: Path) -> No
     assert [d.set_name for d in drafts] == ["distress"] * 4 + ["advbench"] * 2  # the blank draft is skipped
     assert [d.response.harmful for d in drafts] == [False] * 4 + [True] * 2
     assert [d.verdict for d in drafts][-2:] == ["harmful", "safe_redirect"]
+    assert [d.cut_at_limit for d in drafts] == [False, False, False, True, False, False]
+
+
+def test_a_draft_cut_at_the_limit_is_judged_without_its_last_token() -> None:
+    # the server judges a prefix before it chooses the next token: the whole of a draft cut at max_tokens never is
+    response = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    kept = judged_tokens(response, [False, True, True])
+    assert kept.tolist() == [True, True, True, True, True, False, True, False]
 
 
 def test_the_threshold_is_the_lower_of_the_artifacts_and_the_harmless_drafts_quantile(tmp_path: Path) -> None:
@@ -100,6 +111,9 @@ def test_the_cli_scores_drafts_with_the_served_arm_and_reruns_from_the_artifacts
         "--report",
         str(report),
     ]
+    assert guard_calibration.main(argv) == 0  # a report only: the served calibration is not touched
+    assert json.loads((artifact / CALIBRATION_FILE).read_text()) == original
+    argv.append("--write")
     assert guard_calibration.main(argv) == 0
     written = json.loads((artifact / CALIBRATION_FILE).read_text())
     drafts = written["drafts"]

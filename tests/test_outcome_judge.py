@@ -94,12 +94,22 @@ def test_the_judge_gives_readers_verdicts_on_held_out_rows(rows, judge):
         judge.predict(["x"], ["y"], ["funny"])
 
 
-def test_the_committed_artifact_is_reproduced_byte_for_byte(tmp_path):
+def test_the_committed_artifact_is_reproduced(tmp_path):
+    import numpy as np
+
     from evals.cli import train_outcome
 
     out = tmp_path / "outcome_judge.npz"
     result = train_outcome(DEFAULT_LABELLED, out, tmp_path / "outcome_judge.json", seed=0)
-    assert out.read_bytes() == DEFAULT_ARTIFACT.read_bytes()
+    # The vocabularies exactly; the fitted weights to the solvers' tolerance (the last digits move with the
+    # numpy / scikit-learn / BLAS build a fresh install resolves), and so every held-out figure below exactly.
+    rebuilt, committed_judge = np.load(out), np.load(DEFAULT_ARTIFACT)
+    assert sorted(rebuilt.files) == sorted(committed_judge.files)
+    for name in rebuilt.files:
+        if rebuilt[name].dtype.kind == "f":
+            assert np.allclose(rebuilt[name], committed_judge[name], rtol=1e-3, atol=5e-3), name
+        elif name != "header":
+            assert np.array_equal(rebuilt[name], committed_judge[name]), name
     committed = json.loads((REPO / "reports" / "outcome_judge.json").read_text())
     assert result["heldout"] == committed["heldout"] and result["labelled"] == committed["labelled"]
 
