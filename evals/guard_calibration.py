@@ -17,7 +17,7 @@ calls harmful. Only ``--write`` puts it into the artifact's ``safety_calibration
 the threshold can only go down, and measured end to end it let more harm through (docs/method.md, section 4).
 
     prosocial eval compare --config evals/configs/guard_calibration.json ...   # the drafts (its description)
-    python -m evals.guard_calibration --runs build/guard_calibration/runs/full_no_response_guard --quantile 0.08
+    python -m evals.guard_calibration --runs build/guard_calibration/runs/full_no_response_guard
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ CURVE_QUANTILES = (0.02, 0.05, 0.08, 0.1, 0.12, 0.15, 0.2)
 
 @dataclass(frozen=True)
 class DraftCalibrationConfig:
-    quantile: float = 0.05
+    quantile: float = 0.08  # the setting measured end to end (docs/method.md, section 4)
     max_prompt_tokens: int = 1024  # the server's ARM sees the whole prompt
     max_response_tokens: int = 256  # and the whole reply
     extract_batch: int = 4

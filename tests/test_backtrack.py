@@ -174,7 +174,7 @@ def test_backtracking_off_keeps_the_content_filter(tmp_path):
 @pytest.mark.integration
 def test_a_strict_retry_guard_redirects_a_regeneration_it_ends(tmp_path):
     # The loop's regeneration runs under --retry-response-threshold: one no reply can meet ends it, and the
-    # choice is redirected, where the request's own guard lets the same regeneration through.
+    # choice is redirected (under the request's own guard this loop's regeneration is not: the test above).
     server = start_server(tmp_path, ["--retry-response-threshold", "100", "--max-num-seqs", "4"])
     try:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0)

@@ -99,7 +99,9 @@ def test_the_cli_scores_drafts_with_the_served_arm_and_reruns_from_the_artifacts
 ) -> None:
     artifact = tmp_path / "arm"
     shutil.copytree(SERVED_ARM, artifact)
-    original = json.loads((artifact / CALIBRATION_FILE).read_text())
+    # A dataset threshold above every draft's statistic: the drafts' quantile is lower, so --write changes it.
+    original = json.loads((artifact / CALIBRATION_FILE).read_text()) | {"response_threshold": 10.0}
+    (artifact / CALIBRATION_FILE).write_text(json.dumps(original))
     report = tmp_path / "report.json"
     argv = [
         "--runs",
@@ -118,8 +120,8 @@ def test_the_cli_scores_drafts_with_the_served_arm_and_reruns_from_the_artifacts
     written = json.loads((artifact / CALIBRATION_FILE).read_text())
     drafts = written["drafts"]
     assert drafts["artifact_response_threshold"] == original["response_threshold"]
-    assert written["response_threshold"] == min(
-        original["response_threshold"], drafts["fitted_response_threshold"]
+    assert (
+        written["response_threshold"] == drafts["fitted_response_threshold"] < original["response_threshold"]
     )
     assert drafts["drafts"]["harmless_drafts"] == 4 and drafts["drafts"]["harmful_request_drafts"] == 2
     assert written["safety_threshold"] == original["safety_threshold"]  # the token mask is not touched
